@@ -1,0 +1,42 @@
+"""probdyn: probabilistic programming for dynamics.
+
+Neural ODEs and Bayesian neural networks as NumPyro (and, later, Pyro) model
+primitives; NUTS, HMC and variational inference behind one `fit` call that always
+returns a `Posterior`.
+
+``import probdyn`` imports neither jax nor torch: a backend loads on first use
+(``probdyn.numpyro``, ``probdyn.pyro``, or the first `fit`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from probdyn._engines import HMC, NUTS, VI, AbstractEngine
+from probdyn._fit import fit
+from probdyn._io import load
+from probdyn._posterior import Posterior
+from probdyn._registry import register_runner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HMC",
+    "NUTS",
+    "VI",
+    "AbstractEngine",
+    "Posterior",
+    "__version__",
+    "fit",
+    "load",
+    "register_runner",
+]
+
+_SUBMODULES = ("numpyro", "pyro", "calibration", "testing", "data")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"probdyn.{name}")
+    raise AttributeError(f"module 'probdyn' has no attribute {name!r}")

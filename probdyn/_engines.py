@@ -1,0 +1,264 @@
+"""Engine configurations: small frozen dataclasses that say *what* to run.
+
+A config holds no behaviour. The runner that carries it out is looked up in the
+registry by ``(type(config), backend)`` (see ``_registry.py``), so a new engine or a
+new backend is a new config class plus one registered runner function.
+
+Every config validates its fields when it is built and raises an error that names
+the field, the value and the fix. Misspelt keyword arguments are caught too, with a
+suggestion of the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar
+
+__all__ = ["HMC", "NUTS", "VI", "AbstractEngine"]
+
+_CHAIN_METHODS = ("sequential", "vectorized", "parallel")
+_INIT_STRATEGIES = ("median", "sample")
+_GUIDES = ("normal", "lowrank", "flow")
+
+
+class AbstractEngine:
+    """Base class of every engine config.
+
+    Subclasses are frozen dataclasses. Do not override anything but the abstract
+    hook ``_validate``. Unknown keyword arguments raise a ``TypeError`` that
+    suggests the nearest valid field name.
+    """
+
+    name: ClassVar[str] = "engine"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AbstractEngine:
+        fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        for key in kwargs:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise TypeError(
+                    f"{cls.__name__} got an unknown option {key!r}.{hint} "
+                    f"Valid options: {', '.join(fields)}."
+                )
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-friendly dict (``{"engine": name, **fields}``).
+
+        A ``Posterior`` given as ``init`` is recorded by its description, not its data.
+        """
+        out: dict[str, Any] = {"engine": type(self).__name__}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float, str, bool, type(None))):
+                value = repr(value)
+            out[f.name] = value
+        return out
+
+
+def _check_positive_int(cls: str, field: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{cls}({field}={value!r}): {field} must be {bound} integer.")
+
+
+def _check_choice(cls: str, field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{cls}({field}={value!r}): unknown {field}; choose one of "
+            f"{', '.join(repr(c) for c in choices)}."
+        )
+
+
+def _check_init(cls: str, value: Any) -> None:
+    if isinstance(value, str):
+        _check_choice(cls, "init", value, _INIT_STRATEGIES)
+        return
+    if type(value).__name__ != "Posterior":
+        raise ValueError(
+            f"{cls}(init={value!r}): init must be 'median', 'sample' or a probdyn.Posterior "
+            "(for example a VI fit, to start the chains from its draws)."
+        )
+
+
+def _check_probability(cls: str, field: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{cls}({field}={value!r}): {field} must be a number in (0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class NUTS(AbstractEngine):
+    """The No-U-Turn Sampler (the PPL's own kernel, wrapped).
+
+    Args:
+        num_warmup: adaptation steps per chain (step size and mass matrix).
+        num_samples: draws kept per chain.
+        num_chains: number of chains; the ``chain`` dimension of the posterior.
+        target_accept: target mean acceptance probability during adaptation.
+        max_tree_depth: cap on the trajectory doubling (at most ``2**depth - 1``
+            gradient evaluations per draw).
+        chain_method: ``"sequential"``, ``"vectorized"`` (one compiled program for
+            all chains) or ``"parallel"`` (one device per chain).
+        init: ``"median"`` (prior medians), ``"sample"`` (prior draws) or a
+            ``Posterior`` (for example a VI fit): chains start from its draws and
+            its fitted deterministic parameters are held fixed.
+        dense_mass: adapt a dense mass matrix instead of a diagonal one.
+        progress_bar: show a progress bar.
+
+    Example:
+        >>> import probdyn
+        >>> probdyn.NUTS(num_warmup=500, num_samples=500, num_chains=4)
+        NUTS(num_warmup=500, num_samples=500, num_chains=4, target_accept=0.8, max_tree_depth=10, chain_method='sequential', init='median', dense_mass=False, progress_bar=True)
+    """  # noqa: E501
+
+    name: ClassVar[str] = "nuts"
+
+    num_warmup: int = 500
+    num_samples: int = 500
+    num_chains: int = 1
+    target_accept: float = 0.8
+    max_tree_depth: int = 10
+    chain_method: str = "sequential"
+    init: Any = "median"
+    dense_mass: bool = False
+    progress_bar: bool = True
+
+    def _validate(self) -> None:
+        cls = type(self).__name__
+        _check_positive_int(cls, "num_warmup", self.num_warmup, allow_zero=True)
+        _check_positive_int(cls, "num_samples", self.num_samples)
+        _check_positive_int(cls, "num_chains", self.num_chains)
+        _check_positive_int(cls, "max_tree_depth", self.max_tree_depth)
+        _check_probability(cls, "target_accept", self.target_accept)
+        _check_choice(cls, "chain_method", self.chain_method, _CHAIN_METHODS)
+        _check_init(cls, self.init)
+
+
+@dataclasses.dataclass(frozen=True)
+class HMC(AbstractEngine):
+    """Hamiltonian Monte Carlo with a fixed trajectory (the PPL's own kernel, wrapped).
+
+    Args:
+        num_warmup: adaptation steps per chain.
+        num_samples: draws kept per chain.
+        num_chains: number of chains.
+        num_steps: leapfrog steps per draw. Give this or ``trajectory_length``.
+        trajectory_length: integration time per draw (``step_size * num_steps``);
+            used when ``num_steps`` is None. Default ``2 * pi``.
+        step_size: initial step size (adapted during warmup).
+        target_accept: target mean acceptance probability during adaptation.
+        chain_method: as for `NUTS`.
+        init: as for `NUTS`.
+        dense_mass: adapt a dense mass matrix.
+        progress_bar: show a progress bar.
+
+    Example:
+        >>> import probdyn
+        >>> probdyn.HMC(num_warmup=200, num_samples=200, num_steps=16).num_steps
+        16
+    """
+
+    name: ClassVar[str] = "hmc"
+
+    num_warmup: int = 500
+    num_samples: int = 500
+    num_chains: int = 1
+    num_steps: int | None = None
+    trajectory_length: float | None = None
+    step_size: float = 1.0
+    target_accept: float = 0.8
+    chain_method: str = "sequential"
+    init: Any = "median"
+    dense_mass: bool = False
+    progress_bar: bool = True
+
+    def _validate(self) -> None:
+        cls = type(self).__name__
+        _check_positive_int(cls, "num_warmup", self.num_warmup, allow_zero=True)
+        _check_positive_int(cls, "num_samples", self.num_samples)
+        _check_positive_int(cls, "num_chains", self.num_chains)
+        if self.num_steps is not None:
+            _check_positive_int(cls, "num_steps", self.num_steps)
+        if self.trajectory_length is not None and not float(self.trajectory_length) > 0:
+            raise ValueError(
+                f"{cls}(trajectory_length={self.trajectory_length!r}): must be positive."
+            )
+        if not float(self.step_size) > 0:
+            raise ValueError(f"{cls}(step_size={self.step_size!r}): must be positive.")
+        _check_probability(cls, "target_accept", self.target_accept)
+        _check_choice(cls, "chain_method", self.chain_method, _CHAIN_METHODS)
+        _check_init(cls, self.init)
+
+
+@dataclasses.dataclass(frozen=True)
+class VI(AbstractEngine):
+    """Stochastic variational inference with an automatic guide.
+
+    The ELBO is maximised with Adam; the learning rate decays exponentially to
+    ``final_learning_rate_fraction * learning_rate`` over the run, which removes most
+    of the optimiser's end-of-run noise from the fitted guide. After fitting,
+    ``num_draws`` draws are taken from the guide; the posterior layout is
+    ``(1, num_draws, *event)``. Deterministic parameters (``param`` sites, such as
+    the non-Bayesian layers of a partial BNN) are fitted too and kept on the
+    posterior.
+
+    Args:
+        guide: ``"normal"`` (mean-field), ``"lowrank"`` (low-rank multivariate
+            normal) or ``"flow"`` (inverse autoregressive flow).
+        num_steps: optimisation steps.
+        learning_rate: Adam's initial learning rate.
+        num_particles: Monte-Carlo samples per ELBO estimate.
+        num_draws: draws from the fitted guide.
+        rank: rank of the ``"lowrank"`` guide (None: the PPL's default).
+        final_learning_rate_fraction: learning rate at the end, as a fraction of the
+            initial one (1.0 turns the decay off).
+        init: ``"median"`` or ``"sample"``: where the guide's location starts.
+        progress_bar: show a progress bar.
+
+    Example:
+        >>> import probdyn
+        >>> probdyn.VI(guide="lowrank", num_steps=2000).guide
+        'lowrank'
+    """
+
+    name: ClassVar[str] = "vi"
+
+    guide: str = "normal"
+    num_steps: int = 5000
+    learning_rate: float = 0.01
+    num_particles: int = 1
+    num_draws: int = 1000
+    rank: int | None = None
+    final_learning_rate_fraction: float = 0.1
+    init: str = "median"
+    progress_bar: bool = True
+
+    def _validate(self) -> None:
+        cls = type(self).__name__
+        _check_choice(cls, "guide", self.guide, _GUIDES)
+        _check_positive_int(cls, "num_steps", self.num_steps)
+        _check_positive_int(cls, "num_particles", self.num_particles)
+        _check_positive_int(cls, "num_draws", self.num_draws)
+        if self.rank is not None:
+            _check_positive_int(cls, "rank", self.rank)
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            raise ValueError(f"{cls}(learning_rate={self.learning_rate!r}): must be positive.")
+        frac = self.final_learning_rate_fraction
+        if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise ValueError(
+                f"{cls}(final_learning_rate_fraction={frac!r}): must be in (0, 1]."
+            )
+        _check_choice(cls, "init", self.init, _INIT_STRATEGIES)
+
+
+ENGINE_TYPES: dict[str, type[AbstractEngine]] = {"NUTS": NUTS, "HMC": HMC, "VI": VI}

@@ -1,0 +1,186 @@
+"""The one result type every engine returns.
+
+Layout rule (the posterior contract):
+
+* every latent site is a NumPy array shaped ``(chain, draw, *event)``;
+* MCMC: ``chain`` = chains, ``draw`` = kept draws;
+* VI: one chain of ``num_draws`` draws from the fitted guide;
+* later engines (ensembles, SMC) follow the same rule and document their axis.
+
+The arrays are plain NumPy, so the core never needs the backend that produced
+them. Predicting needs the model again: a freshly fitted posterior carries it, a
+loaded one gets it from ``probdyn.load(path, model=...)`` or ``with_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Posterior"]
+
+
+@dataclasses.dataclass(eq=False)
+class Posterior:
+    """Draws, diagnostics and metadata of a fitted model, in one layout for every engine.
+
+    Attributes:
+        samples: site name -> array ``(chain, draw, *event)``; latent and
+            deterministic sites.
+        sample_stats: per-draw engine statistics ``(chain, draw)`` with ArviZ names
+            (``diverging``, ``acceptance_rate``, ``tree_depth``, ``n_steps``,
+            ``energy``, ``lp``, ``step_size``).
+        posterior_predictive: observed site -> replicated data ``(chain, draw, *obs)``.
+        log_likelihood: observed site -> pointwise log likelihood ``(chain, draw, *obs)``.
+        observed_data: observed site -> the observed values.
+        params: deterministic parameters (``param`` sites) at their fitted values.
+        traces: engine-level curves, e.g. ``"elbo"`` for VI (one value per step).
+        attrs: metadata: ``engine`` (the config as a dict), ``backend``, ``seed``,
+            ``versions``, ``wall_time``, ``compile_time``, ``num_failed_solves``.
+
+    Example:
+        >>> import numpy as np, probdyn
+        >>> post = probdyn.Posterior(samples={"mu": np.zeros((2, 100))})
+        >>> post.num_chains, post.num_draws
+        (2, 100)
+    """
+
+    samples: dict[str, np.ndarray]
+    sample_stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    posterior_predictive: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    log_likelihood: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    observed_data: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    params: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    traces: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: Callable[..., Any] | None = dataclasses.field(default=None, repr=False)
+    model_args: tuple[Any, ...] = dataclasses.field(default=(), repr=False)
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise ValueError("Posterior(samples={}): a posterior needs at least one site.")
+        shapes = {name: np.shape(v)[:2] for name, v in self.samples.items()}
+        first = next(iter(shapes.values()))
+        for name, shape in shapes.items():
+            if len(shape) < 2 or shape != first:
+                raise ValueError(
+                    f"Posterior(samples): site {name!r} has leading shape {shape}, but every "
+                    f"site must be shaped (chain, draw, *event) with (chain, draw) = {first}."
+                )
+
+    # -- layout -----------------------------------------------------------------
+    @property
+    def num_chains(self) -> int:
+        """Size of the ``chain`` dimension."""
+        return int(np.shape(next(iter(self.samples.values())))[0])
+
+    @property
+    def num_draws(self) -> int:
+        """Size of the ``draw`` dimension."""
+        return int(np.shape(next(iter(self.samples.values())))[1])
+
+    @property
+    def backend(self) -> str:
+        """The backend that produced the draws (``"numpyro"`` or ``"pyro"``)."""
+        return str(self.attrs.get("backend", "numpyro"))
+
+    def __repr__(self) -> str:
+        engine = self.attrs.get("engine", {}).get("engine", "?")
+        sites = ", ".join(f"{k}{tuple(np.shape(v)[2:])}" for k, v in self.samples.items())
+        return (
+            f"Posterior(engine={engine}, backend={self.backend}, chains={self.num_chains}, "
+            f"draws={self.num_draws}, sites=[{sites}])"
+        )
+
+    # -- prediction -------------------------------------------------------------
+    def with_model(self, model: Callable[..., Any]) -> Posterior:
+        """Return this posterior with ``model`` attached, so that `predict` works.
+
+        Use it after `probdyn.load`, which cannot restore Python code from a file.
+        """
+        return dataclasses.replace(self, model=model)
+
+    def predict(
+        self,
+        *args: Any,
+        key: Any = 0,
+        sites: list[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]:
+        """Run the model forward for every draw on new inputs.
+
+        Observed sites are re-sampled (the values passed for them are ignored), so
+        passing the same arguments as at fit time gives the posterior predictive.
+
+        Args:
+            *args: the model's positional arguments (e.g. new times, new x).
+            key: an int seed or a backend key.
+            sites: names of the sites to return; default: every sample and
+                deterministic site that is not a latent site of the posterior.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            site name -> array ``(chain, draw, *shape)``.
+
+        Raises:
+            RuntimeError: if no model is attached (e.g. after `probdyn.load`).
+
+        Example:
+            >>> pred = post.predict(t_new, key=1, sites=["y"])  # doctest: +SKIP
+            >>> pred["y"].shape  # (chain, draw, len(t_new), 2)  # doctest: +SKIP
+        """
+        if self.model is None:
+            raise RuntimeError(
+                "This Posterior has no model attached (it was probably loaded from a file). "
+                "Call posterior.with_model(model) or probdyn.load(path, model=model) first."
+            )
+        backend = importlib.import_module(f"probdyn.{self.backend}")
+        return backend._predict(self, args, kwargs, key=key, sites=sites)
+
+    # -- summaries and conversion ------------------------------------------------
+    def summary(self, *, max_elements: int = 10, **kwargs: Any):  # type: ignore[no-untyped-def]
+        """ArviZ summary with one row per site for large sites.
+
+        Sites with at most ``max_elements`` elements get one row per element, as in
+        ``az.summary``. Larger sites (a BNN's weight matrices) get one row, named
+        ``"site[n]"``, that aggregates over elements: the mean and sd columns are
+        averages of the per-element values, ``ess_bulk``/``ess_tail`` are minima and
+        ``r_hat`` is the maximum, so the row shows the worst-mixing element.
+
+        Args:
+            max_elements: sites larger than this are aggregated. ``None`` disables
+                aggregation.
+            **kwargs: passed to ``arviz.summary`` (e.g. ``hdi_prob``).
+
+        Returns:
+            pandas.DataFrame.
+        """
+        from probdyn._summary import summarize
+
+        return summarize(self, max_elements=max_elements, **kwargs)
+
+    def to_arviz(self):  # type: ignore[no-untyped-def]
+        """Convert to ``arviz.InferenceData`` (groups posterior, sample_stats,
+        posterior_predictive, log_likelihood, observed_data)."""
+        from probdyn._arviz import to_inference_data
+
+        return to_inference_data(self)
+
+    def save(self, path: str) -> None:
+        """Write the posterior to a netCDF file (no pickle). Load with `probdyn.load`."""
+        from probdyn._io import save
+
+        save(self, path)
+
+    def draws(self, flatten: bool = False) -> Mapping[str, np.ndarray]:
+        """The latent draws, optionally flattened to ``(chain * draw, *event)``."""
+        if not flatten:
+            return dict(self.samples)
+        return {
+            k: np.reshape(v, (-1, *np.shape(v)[2:])) for k, v in self.samples.items()
+        }

@@ -1,0 +1,130 @@
+"""NUTS and HMC runners for NumPyro models (NumPyro's own kernels, wrapped)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.infer import HMC as NumPyroHMC
+from numpyro.infer import MCMC
+from numpyro.infer import NUTS as NumPyroNUTS
+from numpyro.infer import init_to_median, init_to_sample
+from numpyro.infer.util import unconstrain_fn
+
+from probdyn._engines import HMC, NUTS
+from probdyn._posterior import Posterior
+from probdyn.numpyro._build import build_posterior
+from probdyn.numpyro._ode import reset_failed_solves
+from probdyn.numpyro._timing import CompileTimer
+from probdyn.numpyro._util import as_key, check_observed, trace_model
+
+__all__ = ["run_mcmc"]
+
+_EXTRA_FIELDS = ("accept_prob", "num_steps", "energy", "potential_energy",
+                 "adapt_state.step_size")
+
+
+def _init_from_posterior(
+    init: Posterior, model: Callable[..., Any], args: tuple[Any, ...],
+    kwargs: dict[str, Any], latent: list[str], num_chains: int,
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Fix the posterior's fitted params in the model; start chains from its draws."""
+    missing = [s for s in latent if s not in init.samples]
+    if missing:
+        raise ValueError(
+            f"NUTS(init=Posterior): the initial posterior has no draws of site(s) {missing}; "
+            "it must come from a fit of the same model."
+        )
+    params = {k: jnp.asarray(v) for k, v in init.params.items()}
+    model = handlers.substitute(model, data=params) if params else model
+    flat = init.draws(flatten=True)
+    # Spread the chains over the available draws (e.g. VI draws or ensemble members).
+    idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
+    per_chain = [
+        unconstrain_fn(model, args, kwargs, {s: jnp.asarray(flat[s][i]) for s in latent})
+        for i in idx
+    ]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_chain)
+    return model, stacked if num_chains > 1 else per_chain[0]
+
+
+def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> Any:
+    strategy = init_to_sample if engine.init == "sample" else init_to_median
+    if isinstance(engine, NUTS):
+        return NumPyroNUTS(
+            model,
+            target_accept_prob=engine.target_accept,
+            max_tree_depth=engine.max_tree_depth,
+            dense_mass=engine.dense_mass,
+            init_strategy=strategy,
+        )
+    return NumPyroHMC(
+        model,
+        step_size=engine.step_size,
+        num_steps=engine.num_steps,
+        trajectory_length=(
+            None if engine.num_steps is not None else engine.trajectory_length or 2 * np.pi
+        ),
+        target_accept_prob=engine.target_accept,
+        dense_mass=engine.dense_mass,
+        init_strategy=strategy,
+    )
+
+
+def _sample_stats(extra: dict[str, Any], nuts: bool) -> dict[str, np.ndarray]:
+    n_steps = np.asarray(extra["num_steps"])
+    stats = {
+        "diverging": np.asarray(extra["diverging"]),
+        "acceptance_rate": np.asarray(extra["accept_prob"]),
+        "n_steps": n_steps,
+        "energy": np.asarray(extra["energy"]),
+        "lp": -np.asarray(extra["potential_energy"]),
+        "step_size": np.asarray(extra["adapt_state.step_size"]),
+    }
+    if nuts:
+        stats["tree_depth"] = np.floor(np.log2(np.maximum(n_steps, 1))).astype(np.int64) + 1
+    return stats
+
+
+def run_mcmc(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             engine: NUTS | HMC, key: Any) -> Posterior:
+    """Run NumPyro's NUTS or HMC and return a `Posterior` (chains x draws)."""
+    rng = as_key(key)
+    trace = trace_model(model, args, kwargs, rng)
+    observed = check_observed(trace)
+    latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    params = {n: s["value"] for n, s in trace.items() if s["type"] == "param"}
+    if not latent:
+        raise ValueError("fit: the model has no latent sample sites; nothing to infer.")
+    run_model, init_params = model, None
+    if not isinstance(engine.init, str):
+        run_model, init_params = _init_from_posterior(
+            engine.init, model, args, kwargs, latent, engine.num_chains
+        )
+        params = {**params, **{k: jnp.asarray(v) for k, v in engine.init.params.items()}}
+    mcmc = MCMC(
+        _kernel(engine, run_model),
+        num_warmup=engine.num_warmup,
+        num_samples=engine.num_samples,
+        num_chains=engine.num_chains,
+        chain_method=engine.chain_method,
+        progress_bar=engine.progress_bar,
+    )
+    reset_failed_solves()
+    start = time.perf_counter()
+    with CompileTimer() as timer:
+        mcmc.run(rng, *args, extra_fields=_EXTRA_FIELDS, init_params=init_params, **kwargs)
+        samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
+    wall = time.perf_counter() - start
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    return build_posterior(
+        model=model, args=args, kwargs=kwargs, engine=engine, key=key,
+        latent={k: samples[k] for k in latent}, params=params, observed=observed,
+        sample_stats=_sample_stats(extra, isinstance(engine, NUTS)),
+        wall_time=wall, compile_time=timer.seconds,
+    )

@@ -1,0 +1,121 @@
+"""Running a NumPyro model forward for every posterior draw, in one compiled program."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+
+from probdyn.numpyro._util import as_key, is_factor, uncondition
+
+if TYPE_CHECKING:
+    from probdyn._posterior import Posterior
+
+__all__ = ["forward_draws", "predict"]
+
+_BATCH = 256  # draws per vectorised block; bounds memory for long trajectories
+
+
+def _substituted(model: Callable[..., Any], draw: dict[str, Any], params: dict[str, Any]
+                 ) -> Callable[..., Any]:
+    def value_of(msg: dict[str, Any]) -> Any:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            return draw.get(msg["name"])
+        if msg["type"] == "param":
+            return params.get(msg["name"])
+        return None
+
+    return handlers.substitute(model, substitute_fn=value_of)
+
+
+def _map_draws(fn: Callable[..., Any], key: jax.Array, flat: dict[str, Any]) -> Any:
+    n = int(np.shape(next(iter(flat.values())))[0]) if flat else 1
+    keys = jax.random.split(key, n)
+    run = jax.jit(lambda k, d: jax.lax.map(lambda kd: fn(*kd), (k, d),
+                                           batch_size=min(n, _BATCH)))
+    return run(keys, flat)
+
+
+def forward_draws(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    samples: dict[str, np.ndarray],
+    params: dict[str, np.ndarray],
+    key: Any,
+    *,
+    latent: set[str],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Deterministic sites, pointwise log likelihood and posterior predictive per draw.
+
+    ``samples`` are shaped ``(chain, draw, ...)``; only the ``latent`` sites are
+    substituted. Returns three dicts with the same leading ``(chain, draw)``.
+    """
+    lead = np.shape(samples[next(iter(latent))])[:2] if latent else (1, 1)
+    flat = {k: jnp.reshape(samples[k], (-1, *np.shape(samples[k])[2:])) for k in latent}
+
+    def one(k: jax.Array, draw: dict[str, Any]) -> Any:
+        k1, k2 = jax.random.split(k)
+        tr = handlers.trace(handlers.seed(_substituted(model, draw, params), k1)).get_trace(
+            *args, **kwargs
+        )
+        det = {n: s["value"] for n, s in tr.items() if s["type"] == "deterministic"}
+        loglik = {}
+        for n, s in tr.items():
+            if s["type"] == "sample" and s["is_observed"] and not is_factor(s):
+                lp = s["fn"].log_prob(s["value"])
+                if s.get("mask") is not None:
+                    lp = jnp.where(s["mask"], lp, 0.0)
+                loglik[n] = lp
+        tr2 = handlers.trace(
+            handlers.seed(_substituted(uncondition(model), draw, params), k2)
+        ).get_trace(*args, **kwargs)
+        pp = {n: tr2[n]["value"] for n in loglik}
+        return det, loglik, pp
+
+    det, loglik, pp = _map_draws(one, as_key(key), flat)
+    unflat = lambda d: {k: np.asarray(v).reshape(lead + np.shape(v)[1:]) for k, v in d.items()}
+    return unflat(det), unflat(loglik), unflat(pp)
+
+
+def predict(post: Posterior, args: tuple[Any, ...], kwargs: dict[str, Any], *, key: Any,
+            sites: list[str] | None) -> dict[str, np.ndarray]:
+    """`Posterior.predict` for NumPyro models (see there)."""
+    assert post.model is not None
+    model = post.model
+    latent = set(post.attrs.get("latent_sites", post.samples))
+    lead = (post.num_chains, post.num_draws)
+    flat = {k: jnp.reshape(v, (-1, *np.shape(v)[2:])) for k, v in post.samples.items()
+            if k in latent}
+    params = {k: jnp.asarray(v) for k, v in post.params.items()}
+    if sites is not None:
+        if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
+            raise TypeError(f"predict(sites={sites!r}): give a list of site names.")
+        proto = handlers.trace(
+            handlers.seed(_substituted(uncondition(model), {}, params), 0)
+        ).get_trace(*args, **kwargs)
+        unknown = [s for s in sites if s not in proto]
+        if unknown:
+            raise ValueError(
+                f"predict(sites={sites!r}): the model has no site(s) {unknown}; "
+                f"available: {sorted(n for n, s in proto.items() if s['type'] != 'plate')}."
+            )
+
+    def one(k: jax.Array, draw: dict[str, Any]) -> Any:
+        tr = handlers.trace(
+            handlers.seed(_substituted(uncondition(model), draw, params), k)
+        ).get_trace(*args, **kwargs)
+        if sites is not None:
+            return {n: tr[n]["value"] for n in sites}
+        return {
+            n: s["value"] for n, s in tr.items()
+            if (s["type"] == "sample" and n not in latent and not is_factor(s))
+            or s["type"] == "deterministic"
+        }
+
+    out = _map_draws(one, as_key(key), flat)
+    return {k: np.asarray(v).reshape(lead + np.shape(v)[1:]) for k, v in out.items()}
