@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 __all__ = ["HMC", "NUTS", "VI", "AbstractEngine"]
 
 _CHAIN_METHODS = ("sequential", "vectorized", "parallel")
-_INIT_STRATEGIES = ("median", "sample")
+_INIT_STRATEGIES = ("median", "sample", "map")
 _GUIDES = ("normal", "lowrank", "flow")
 
 
@@ -86,7 +86,8 @@ def _check_init(cls: str, value: Any) -> None:
         return
     if type(value).__name__ != "Posterior":
         raise ValueError(
-            f"{cls}(init={value!r}): init must be 'median', 'sample' or a probdyn.Posterior "
+            f"{cls}(init={value!r}): init must be 'median', 'sample', 'map' or a "
+            "probdyn.Posterior "
             "(for example a VI fit, to start the chains from its draws)."
         )
 
@@ -109,9 +110,12 @@ class NUTS(AbstractEngine):
             gradient evaluations per draw).
         chain_method: ``"sequential"``, ``"vectorized"`` (one compiled program for
             all chains) or ``"parallel"`` (one device per chain).
-        init: ``"median"`` (prior medians), ``"sample"`` (prior draws) or a
-            ``Posterior`` (for example a VI fit): chains start from its draws and
-            its fitted deterministic parameters are held fixed.
+        init: ``"median"`` (prior medians), ``"sample"`` (prior draws),
+            ``"map"`` (a MAP estimate found by Adam from the prior medians; every
+            chain starts there, slightly jittered, and fitted ``param`` sites are
+            held at their MAP values) or a ``Posterior`` (for example a VI fit):
+            chains start from its draws and its fitted deterministic parameters
+            are held fixed.
         dense_mass: adapt a dense mass matrix instead of a diagonal one.
         progress_bar: show a progress bar.
 
@@ -222,7 +226,8 @@ class VI(AbstractEngine):
         rank: rank of the ``"lowrank"`` guide (None: the PPL's default).
         final_learning_rate_fraction: learning rate at the end, as a fraction of the
             initial one (1.0 turns the decay off).
-        init: ``"median"`` or ``"sample"``: where the guide's location starts.
+        init: ``"median"``, ``"sample"`` or ``"map"`` (a MAP estimate found by
+            Adam first): where the guide's location starts.
         progress_bar: show a progress bar.
 
     Example:

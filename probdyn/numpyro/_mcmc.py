@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -14,11 +15,17 @@ from numpyro.infer import HMC as NumPyroHMC
 from numpyro.infer import MCMC
 from numpyro.infer import NUTS as NumPyroNUTS
 from numpyro.infer import init_to_median, init_to_sample
-from numpyro.infer.util import unconstrain_fn
+from numpyro.infer.util import (
+    _transforms_from_trace,
+    constrain_fn,
+    transform_fn,
+    unconstrain_fn,
+)
 
 from probdyn._engines import HMC, NUTS
 from probdyn._posterior import Posterior
 from probdyn.numpyro._build import build_posterior
+from probdyn.numpyro._map import map_estimate
 from probdyn.numpyro._ode import reset_failed_solves
 from probdyn.numpyro._timing import CompileTimer
 from probdyn.numpyro._util import as_key, check_observed, trace_model
@@ -29,32 +36,56 @@ _EXTRA_FIELDS = ("accept_prob", "num_steps", "energy", "potential_energy",
                  "adapt_state.step_size")
 
 
+def _chain_starts(
+    values: list[dict[str, Any]], params: dict[str, Any], model: Callable[..., Any],
+    args: tuple[Any, ...], kwargs: dict[str, Any],
+) -> tuple[Callable[..., Any], Any]:
+    """Fix ``params`` in the model and map one dict of values per chain to the
+    unconstrained space the kernel starts from."""
+    model = handlers.substitute(model, data=params) if params else model
+    per_chain = [unconstrain_fn(model, args, kwargs, v) for v in values]
+    if len(per_chain) == 1:
+        return model, per_chain[0]
+    return model, jax.tree.map(lambda *xs: jnp.stack(xs), *per_chain)
+
+
 def _init_from_posterior(
-    init: Posterior, model: Callable[..., Any], args: tuple[Any, ...],
-    kwargs: dict[str, Any], latent: list[str], num_chains: int,
-) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """Fix the posterior's fitted params in the model; start chains from its draws."""
+    init: Posterior, latent: list[str], num_chains: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One start per chain from the posterior's draws, spread over them."""
     missing = [s for s in latent if s not in init.samples]
     if missing:
         raise ValueError(
             f"NUTS(init=Posterior): the initial posterior has no draws of site(s) {missing}; "
             "it must come from a fit of the same model."
         )
-    params = {k: jnp.asarray(v) for k, v in init.params.items()}
-    model = handlers.substitute(model, data=params) if params else model
     flat = init.draws(flatten=True)
-    # Spread the chains over the available draws (e.g. VI draws or ensemble members).
     idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
-    per_chain = [
-        unconstrain_fn(model, args, kwargs, {s: jnp.asarray(flat[s][i]) for s in latent})
-        for i in idx
-    ]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_chain)
-    return model, stacked if num_chains > 1 else per_chain[0]
+    values = [{s: jnp.asarray(flat[s][i]) for s in latent} for i in idx]
+    return values, {k: jnp.asarray(v) for k, v in init.params.items()}
+
+
+def _init_from_map(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    latent: list[str], num_chains: int, key: jax.Array,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every chain starts at the MAP estimate, jittered by 1e-2 in unconstrained
+    space so that chains are distinct (and R-hat means something)."""
+    values, params = map_estimate(model, args, kwargs, key)
+    model = handlers.substitute(model, data=params) if params else model
+    centre = unconstrain_fn(model, args, kwargs, {s: values[s] for s in latent})
+    keys = jax.random.split(key, num_chains)
+    out = []
+    for k in keys:
+        leaves, tree = jax.tree.flatten(centre)
+        ks = jax.random.split(k, len(leaves))
+        jittered = [x + 1e-2 * jax.random.normal(kk, jnp.shape(x)) for x, kk in zip(leaves, ks)]
+        out.append(constrain_fn(model, args, kwargs, jax.tree.unflatten(tree, jittered)))
+    return out, params
 
 
 def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> Any:
-    strategy = init_to_sample if engine.init == "sample" else init_to_median
+    strategy = init_to_sample if engine.init == "sample" else init_to_median  # "map": preset
     if isinstance(engine, NUTS):
         return NumPyroNUTS(
             model,
@@ -74,6 +105,20 @@ def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> Any:
         dense_mass=engine.dense_mass,
         init_strategy=strategy,
     )
+
+
+def _constrain_only(trace: dict[str, Any]) -> Callable[..., Any] | None:
+    """Map unconstrained draws to constrained ones without re-running the model.
+
+    NumPyro re-runs the model for every draw when it has deterministic sites; we
+    compute those (with the log likelihood and predictive) in one compiled pass
+    afterwards, so during sampling a change of variables is enough. Models whose
+    supports depend on other sites still get NumPyro's own replaying default.
+    """
+    info = _transforms_from_trace(trace)
+    if info.dynamic_support:
+        return None
+    return partial(transform_fn, info.inv_transforms)
 
 
 def _sample_stats(extra: dict[str, Any], nuts: bool) -> dict[str, np.ndarray]:
@@ -102,13 +147,17 @@ def run_mcmc(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     if not latent:
         raise ValueError("fit: the model has no latent sample sites; nothing to infer.")
     run_model, init_params = model, None
-    if not isinstance(engine.init, str):
-        run_model, init_params = _init_from_posterior(
-            engine.init, model, args, kwargs, latent, engine.num_chains
-        )
-        params = {**params, **{k: jnp.asarray(v) for k, v in engine.init.params.items()}}
+    if not isinstance(engine.init, str) or engine.init == "map":
+        if isinstance(engine.init, str):
+            values, fixed = _init_from_map(model, args, kwargs, latent, engine.num_chains,
+                                           jax.random.fold_in(rng, 2))
+        else:
+            values, fixed = _init_from_posterior(engine.init, latent, engine.num_chains)
+        run_model, init_params = _chain_starts(values, fixed, model, args, kwargs)
+        params = {**params, **fixed}
     mcmc = MCMC(
         _kernel(engine, run_model),
+        postprocess_fn=_constrain_only(trace),
         num_warmup=engine.num_warmup,
         num_samples=engine.num_samples,
         num_chains=engine.num_chains,

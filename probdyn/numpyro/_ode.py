@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +58,59 @@ def reset_failed_solves() -> None:
 
 def _count_failures(failed: Any) -> None:
     _FAILURES[0] += int(np.sum(np.asarray(failed)))
+
+
+class _JaxprKey:
+    """Hash and compare a jaxpr by its printed form.
+
+    A model builds a fresh vector-field closure every time it runs, so to JAX each
+    run is a new function and every eager run (NumPyro's initialisation runs the
+    model several times) would recompile the solver. Two traces of the same code
+    at the same shapes print identically (constants are hoisted into ``consts``,
+    so they are not part of the text), which lets the solver's compiled program
+    be reused across model runs and across fits.
+    """
+
+    def __init__(self, jaxpr: Any) -> None:
+        self.jaxpr = jaxpr
+        self.text = str(jaxpr)
+        self._hash = hash(self.text)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _JaxprKey) and other.text == self.text
+
+
+class _ConvertedField(eqx.Module):
+    """A vector field as (jaxpr, consts): its closed-over values, sampled weights
+    and rates included, become explicit leaves that diffrax differentiates."""
+
+    key: _JaxprKey = eqx.field(static=True)
+    in_tree: Any = eqx.field(static=True)
+    out_tree: Any = eqx.field(static=True)
+    consts: list[Any]
+
+    @classmethod
+    def build(cls, fn: Callable[..., Any], t: Any, z: Any, args: Any) -> _ConvertedField:
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(t, z, args)
+        return cls(
+            key=_JaxprKey(closed.jaxpr),
+            in_tree=jax.tree.structure((t, z, args)),
+            out_tree=jax.tree.structure(out_shape),
+            consts=list(closed.consts),
+        )
+
+    def __call__(self, t: Any, z: Any, args: Any) -> Any:
+        leaves = jax.tree.leaves((t, z, args))
+        out = jax.core.eval_jaxpr(self.key.jaxpr, self.consts, *leaves)
+        return jax.tree.unflatten(self.out_tree, out)
+
+
+def _call_converted(t: Any, z: Any, field_and_args: tuple[Any, Any]) -> Any:
+    field, args = field_and_args
+    return field(t, z, args)
 
 
 def _concrete(x: Any) -> np.ndarray | None:
@@ -172,14 +226,15 @@ class NeuralODE:
             if adaptive
             else dfx.ConstantStepSize()
         )
+        field = _ConvertedField.build(self.vector_field, t0, z0, args)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(self.vector_field),
+            dfx.ODETerm(_call_converted),
             solver_cls(),
             t0=t0,
             t1=times[-1],
             dt0=self.dt0,
             y0=z0,
-            args=args,
+            args=(field, args),
             saveat=dfx.SaveAt(ts=times),
             stepsize_controller=controller,
             adjoint=ADJOINTS[self.adjoint](),

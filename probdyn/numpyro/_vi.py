@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.infer import SVI, Trace_ELBO, init_to_median, init_to_sample
+from numpyro.infer import SVI, Trace_ELBO, init_to_median, init_to_sample, init_to_value
 from numpyro.infer.autoguide import (
     AutoIAFNormal,
     AutoLowRankMultivariateNormal,
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from probdyn._engines import VI
 from probdyn._posterior import Posterior
 from probdyn.numpyro._build import build_posterior
+from probdyn.numpyro._map import map_estimate
 from probdyn.numpyro._ode import reset_failed_solves
 from probdyn.numpyro._timing import CompileTimer
 from probdyn.numpyro._util import as_key, check_observed, trace_model
@@ -29,8 +30,10 @@ from probdyn.numpyro._util import as_key, check_observed, trace_model
 __all__ = ["run_vi"]
 
 
-def _guide(engine: VI, model: Callable[..., Any]) -> Any:
-    init = init_to_sample if engine.init == "sample" else init_to_median
+def _guide(engine: VI, model: Callable[..., Any], start: dict[str, Any] | None) -> Any:
+    init: Any = init_to_sample if engine.init == "sample" else init_to_median
+    if start is not None:
+        init = init_to_value(values=start)
     if engine.guide == "normal":
         return AutoNormal(model, init_loc_fn=init)
     if engine.guide == "lowrank":
@@ -74,7 +77,10 @@ def run_vi(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     model_params = [n for n, s in trace.items() if s["type"] == "param"]
     if not latent and not model_params:
         raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
-    guide = _guide(engine, model)
+    start = None
+    if engine.init == "map":
+        start, _ = map_estimate(model, args, kwargs, jax.random.fold_in(rng, 2))
+    guide = _guide(engine, model, start)
     schedule = optax.exponential_decay(
         engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction
     )

@@ -1,0 +1,1 @@
+"""The main job: a Bayesian universal differential equation for predator–prey data."""
