@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import equinox as eqx
 import jax
@@ -21,7 +21,7 @@ from jaxtyping import Array, Float
 
 __all__ = ["MLP", "BayesianMLP", "lift"]
 
-PriorSpec = (
+PriorSpec: TypeAlias = (
     dist.Distribution
     | Mapping[str, dist.Distribution]
     | Callable[[str, tuple[int, ...]], dist.Distribution]
@@ -187,7 +187,7 @@ def _init_mlp(sizes: Sequence[int], activation: Callable[[Array], Array], seed: 
     return MLP(tuple(layers), activation)
 
 
-def BayesianMLP(  # noqa: N802 - a primitive, named like a class on purpose
+def BayesianMLP(
     name: str,
     sizes: Sequence[int],
     activation: str | Callable[[Array], Array] = "tanh",

@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.infer import HMC as NumPyroHMC
-from numpyro.infer import MCMC
+from numpyro.infer import MCMC, init_to_median, init_to_sample
 from numpyro.infer import NUTS as NumPyroNUTS
-from numpyro.infer import init_to_median, init_to_sample
 from numpyro.infer.util import (
     _transforms_from_trace,
     constrain_fn,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
-from typing import Any
 
 from jax import monitoring
 
@@ -25,10 +24,10 @@ class CompileTimer:
     def __init__(self) -> None:
         self._intervals: list[tuple[float, float]] = []
 
-    def _listener(self, event: str, duration: float, **_: Any) -> None:
+    def _listener(self, event: str, duration_secs: float, **_: str | int) -> None:
         if event in _EVENTS:
             end = time.perf_counter()
-            self._intervals.append((end - duration, end))
+            self._intervals.append((end - duration_secs, end))
 
     def __enter__(self) -> CompileTimer:
         monitoring.register_event_duration_secs_listener(self._listener)

@@ -70,7 +70,7 @@ def check_observed(trace: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-class uncondition(Messenger):  # noqa: N801 - a handler, named like NumPyro's
+class uncondition(Messenger):
     """Turn observed sample sites into latent ones, so that they are re-sampled."""
 
     def process_message(self, msg: dict[str, Any]) -> None:

@@ -77,10 +77,10 @@ def run_vi(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     model_params = [n for n, s in trace.items() if s["type"] == "param"]
     if not latent and not model_params:
         raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
-    start = None
+    centre = None
     if engine.init == "map":
-        start, _ = map_estimate(model, args, kwargs, jax.random.fold_in(rng, 2))
-    guide = _guide(engine, model, start)
+        centre, _ = map_estimate(model, args, kwargs, jax.random.fold_in(rng, 2))
+    guide = _guide(engine, model, centre)
     schedule = optax.exponential_decay(
         engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction
     )
