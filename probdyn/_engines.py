@@ -109,7 +109,9 @@ class NUTS(AbstractEngine):
         max_tree_depth: cap on the trajectory doubling (at most ``2**depth - 1``
             gradient evaluations per draw).
         chain_method: ``"sequential"``, ``"vectorized"`` (one compiled program for
-            all chains) or ``"parallel"`` (one device per chain).
+            all chains) or ``"parallel"`` (one device per chain, through NumPyro's
+            pmap; models with a `NeuralODE` cannot use it with JAX 0.10, see the
+            error message, and should use ``"vectorized"``).
         init: ``"median"`` (prior medians), ``"sample"`` (prior draws),
             ``"map"`` (a MAP estimate found by Adam from the prior medians; every
             chain starts there, slightly jittered, and fitted ``param`` sites are

@@ -98,7 +98,8 @@ def synthetic_predator_prey(
     The truth is `lotka_volterra` with its defaults (alpha=1, beta=0.8, gamma=1,
     delta=0.5, z0=(1, 0.5)); one cycle lasts about 7 time units. Observation
     times are uniform at random on ``[0, t_train]`` (train) and
-    ``(t_train, t_end]`` (test); observations are log-normal around the truth with log-scale sd ``noise``.
+    ``(t_train, t_end]`` (test); observations are log-normal around the truth
+    with log-scale sd ``noise``.
 
     Example:
         >>> data = synthetic_predator_prey(seed=0)

@@ -166,7 +166,16 @@ def run_mcmc(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     reset_failed_solves()
     start = time.perf_counter()
     with CompileTimer() as timer:
-        mcmc.run(rng, *args, extra_fields=_EXTRA_FIELDS, init_params=init_params, **kwargs)
+        try:
+            mcmc.run(rng, *args, extra_fields=_EXTRA_FIELDS, init_params=init_params, **kwargs)
+        except ValueError as err:
+            if engine.chain_method == "parallel" and "Closure-converted" in str(err):
+                raise RuntimeError(
+                    "NUTS(chain_method='parallel') failed: NumPyro's parallel chains use pmap, "
+                    "under which diffrax's checkpointed solver loop cannot be differentiated "
+                    "(JAX/equinox limitation). Use chain_method='vectorized' or 'sequential'."
+                ) from err
+            raise
         samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     wall = time.perf_counter() - start
     extra = mcmc.get_extra_fields(group_by_chain=True)
