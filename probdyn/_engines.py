@@ -160,7 +160,12 @@ class HMC(AbstractEngine):
         num_chains: number of chains.
         num_steps: leapfrog steps per draw. Give this or ``trajectory_length``.
         trajectory_length: integration time per draw (``step_size * num_steps``);
-            used when ``num_steps`` is None. Default ``2 * pi``.
+            used when ``num_steps`` is None. Default ``pi / 2``: once the mass
+            matrix matches the posterior scale, a Gaussian posterior oscillates
+            with period ``2 pi``, so a quarter period gives draws independent of
+            the start, while NumPyro's default of ``2 pi`` returns close to the
+            start (measured on a correlated linear regression: bulk ESS of 5-50
+            per 1000 draws at ``2 pi`` against 300-1100 at ``pi / 2``).
         step_size: initial step size (adapted during warmup).
         target_accept: target mean acceptance probability during adaptation.
         chain_method: as for `NUTS`.

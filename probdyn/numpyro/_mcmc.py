@@ -98,7 +98,7 @@ def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> Any:
         step_size=engine.step_size,
         num_steps=engine.num_steps,
         trajectory_length=(
-            None if engine.num_steps is not None else engine.trajectory_length or 2 * np.pi
+            None if engine.num_steps is not None else engine.trajectory_length or np.pi / 2
         ),
         target_accept_prob=engine.target_accept,
         dense_mass=engine.dense_mass,

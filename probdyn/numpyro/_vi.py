@@ -77,6 +77,12 @@ def run_vi(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
     model_params = [n for n, s in trace.items() if s["type"] == "param"]
     if not latent and not model_params:
         raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
+    size = sum(int(np.size(trace[n]["value"])) for n in latent)
+    if engine.guide == "flow" and size < 2:
+        raise ValueError(
+            f"VI(guide='flow') needs at least 2 latent dimensions, but the model has {size}; "
+            "use guide='normal' (exact for a one-dimensional Gaussian posterior)."
+        )
     centre = None
     if engine.init == "map":
         centre, _ = map_estimate(model, args, kwargs, jax.random.fold_in(rng, 2))
