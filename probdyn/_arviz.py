@@ -17,13 +17,18 @@ if TYPE_CHECKING:
 
 __all__ = ["from_inference_data", "to_inference_data"]
 
-_GROUPS = ("posterior", "sample_stats", "posterior_predictive", "log_likelihood",
-           "observed_data")
+_GROUPS = ("posterior", "sample_stats", "posterior_predictive", "log_likelihood", "observed_data")
 
 
-_ARVIZ_ATTRS = ("created_at", "arviz_version", "inference_library",
-                "inference_library_version", "creation_library",
-                "creation_library_version", "creation_library_language")
+_ARVIZ_ATTRS = (
+    "created_at",
+    "arviz_version",
+    "inference_library",
+    "inference_library_version",
+    "creation_library",
+    "creation_library_version",
+    "creation_library_language",
+)
 
 
 def _dims(name: str, event_ndim: int) -> list[str]:
@@ -91,8 +96,7 @@ def from_inference_data(idata: Any) -> dict[str, Any]:
             out[field.get(group, group)] = {n: ds[n].values for n in ds.data_vars}
     attrs = dict(idata.posterior.attrs)
     out["attrs"] = {
-        k: json.loads(v) for k, v in attrs.items()
-        if k not in _ARVIZ_ATTRS and isinstance(v, str)
+        k: json.loads(v) for k, v in attrs.items() if k not in _ARVIZ_ATTRS and isinstance(v, str)
     }
     return out
 
@@ -101,6 +105,4 @@ def dataset(values: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
     """A plain ``xarray.Dataset`` of arrays with per-site dim names (no chain/draw)."""
     import xarray as xr
 
-    return xr.Dataset(
-        {k: (_dims(k, np.ndim(v)), np.asarray(v)) for k, v in values.items()}
-    )
+    return xr.Dataset({k: (_dims(k, np.ndim(v)), np.asarray(v)) for k, v in values.items()})

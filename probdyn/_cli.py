@@ -50,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         from probdyn.demo._run import run_demo
 
         try:
-            run_demo(engine=args.engine, backend=args.backend, data=args.data, out=args.out,
-                     quick=args.quick, seed=args.seed)
+            run_demo(
+                engine=args.engine,
+                backend=args.backend,
+                data=args.data,
+                out=args.out,
+                quick=args.quick,
+                seed=args.seed,
+            )
         except NotImplementedError as err:
             print(f"probdyn demo: {err}", file=sys.stderr)
             return 2

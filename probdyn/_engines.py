@@ -267,9 +267,7 @@ class VI(AbstractEngine):
             raise ValueError(f"{cls}(learning_rate={self.learning_rate!r}): must be positive.")
         frac = self.final_learning_rate_fraction
         if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
-            raise ValueError(
-                f"{cls}(final_learning_rate_fraction={frac!r}): must be in (0, 1]."
-            )
+            raise ValueError(f"{cls}(final_learning_rate_fraction={frac!r}): must be in (0, 1].")
         _check_choice(cls, "init", self.init, _INIT_STRATEGIES)
 
 

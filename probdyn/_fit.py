@@ -103,15 +103,20 @@ def _referenced_modules(fn: Callable[..., Any]) -> set[str]:
 
 
 def _backend_of(module: str) -> str | None:
-    for prefix, backend in (("probdyn.numpyro", "numpyro"), ("probdyn.pyro", "pyro"),
-                            ("numpyro", "numpyro"), ("pyro", "pyro")):
+    for prefix, backend in (
+        ("probdyn.numpyro", "numpyro"),
+        ("probdyn.pyro", "pyro"),
+        ("numpyro", "numpyro"),
+        ("pyro", "pyro"),
+    ):
         if module == prefix or module.startswith(prefix + "."):
             return backend
     return None
 
 
-def detect_backend(model: Callable[..., Any], args: tuple[Any, ...] = (),
-                   kwargs: dict[str, Any] | None = None) -> str:
+def detect_backend(
+    model: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> str:
     """Tell which PPL a model function is written in.
 
     First from the modules its code refers to (directly or through the functions
@@ -134,8 +139,9 @@ def detect_backend(model: Callable[..., Any], args: tuple[Any, ...] = (),
     )
 
 
-def _traces_sites(backend: str, model: Callable[..., Any], args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> bool:
+def _traces_sites(
+    backend: str, model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
     if backend not in sys.modules:  # never import a backend just to probe
         return False
     try:

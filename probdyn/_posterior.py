@@ -139,8 +139,10 @@ class Posterior:
                 "This Posterior has no model attached (it was probably loaded from a file). "
                 "Call posterior.with_model(model) or probdyn.load(path, model=model) first."
             )
-        backend = importlib.import_module(f"probdyn.{self.backend}")
-        return backend._predict(self, args, kwargs, key=key, sites=sites)
+        # Each backend has a ``probdyn.<backend>._predict`` module with the same
+        # ``predict(post, args, kwargs, *, key, sites)`` function.
+        backend = importlib.import_module(f"probdyn.{self.backend}._predict")
+        return backend.predict(self, args, kwargs, key=key, sites=sites)
 
     # -- summaries and conversion ------------------------------------------------
     def summary(self, *, max_elements: int = 10, **kwargs: Any):  # type: ignore[no-untyped-def]
@@ -181,6 +183,4 @@ class Posterior:
         """The latent draws, optionally flattened to ``(chain * draw, *event)``."""
         if not flatten:
             return dict(self.samples)
-        return {
-            k: np.reshape(v, (-1, *np.shape(v)[2:])) for k, v in self.samples.items()
-        }
+        return {k: np.reshape(v, (-1, *np.shape(v)[2:])) for k, v in self.samples.items()}

@@ -30,8 +30,9 @@ def _flatten(draws: Any, observed: Any, sample_dims: int) -> tuple[np.ndarray, n
     return flat, observed
 
 
-def interval(draws: Any, level: float = 0.9, *, sample_dims: int = 2
-             ) -> tuple[np.ndarray, np.ndarray]:
+def interval(
+    draws: Any, level: float = 0.9, *, sample_dims: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """Central credible interval of the draws at ``level`` (per element).
 
     Example:
@@ -47,8 +48,14 @@ def interval(draws: Any, level: float = 0.9, *, sample_dims: int = 2
     return lo, hi
 
 
-def coverage(draws: Any, observed: Any, levels: Sequence[float] = (0.5, 0.9), *,
-             sample_dims: int = 2, reduce: bool = True) -> dict[float, Any]:
+def coverage(
+    draws: Any,
+    observed: Any,
+    levels: Sequence[float] = (0.5, 0.9),
+    *,
+    sample_dims: int = 2,
+    reduce: bool = True,
+) -> dict[float, Any]:
     """Fraction of observations inside the central interval, for each level.
 
     For calibrated predictions the coverage equals the nominal level up to
@@ -94,8 +101,9 @@ def crps(draws: Any, observed: Any, *, sample_dims: int = 2, reduce: bool = True
     return float(score.mean()) if reduce else score
 
 
-def calibration_table(draws: Any, observed: Any, levels: Sequence[float] = (0.5, 0.9), *,
-                      sample_dims: int = 2):  # type: ignore[no-untyped-def]
+def calibration_table(
+    draws: Any, observed: Any, levels: Sequence[float] = (0.5, 0.9), *, sample_dims: int = 2
+):  # type: ignore[no-untyped-def]
     """A table (pandas DataFrame) of coverage and mean interval width per level,
     with RMSE and CRPS of the same draws.
 
@@ -111,12 +119,14 @@ def calibration_table(draws: Any, observed: Any, levels: Sequence[float] = (0.5,
     rows = []
     for level in levels:
         lo, hi = interval(flat, level, sample_dims=1)
-        rows.append({
-            "nominal": float(level),
-            "coverage": cov[float(level)],
-            "mean_width": float(np.mean(hi - lo)),
-            "n": int(obs.size),
-            "rmse": rmse(flat, obs, sample_dims=1),
-            "crps": crps(flat, obs, sample_dims=1),
-        })
+        rows.append(
+            {
+                "nominal": float(level),
+                "coverage": cov[float(level)],
+                "mean_width": float(np.mean(hi - lo)),
+                "n": int(obs.size),
+                "rmse": rmse(flat, obs, sample_dims=1),
+                "crps": crps(flat, obs, sample_dims=1),
+            }
+        )
     return pd.DataFrame(rows).set_index("nominal")

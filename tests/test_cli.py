@@ -17,12 +17,18 @@ def _demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PROBDYN_NO_COMPILATION_CACHE": "1", "MPLBACKEND": "Agg"}
     return subprocess.run(
         [sys.executable, "-m", "probdyn._cli", "demo", "--quick", "--out", str(tmp_path), *flags],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
-@pytest.mark.parametrize("flags", [("--engine", "nuts"), ("--engine", "vi", "--data", "hare-lynx")],
-                         ids=["nuts-synthetic", "vi-hare-lynx"])
+@pytest.mark.parametrize(
+    "flags",
+    [("--engine", "nuts"), ("--engine", "vi", "--data", "hare-lynx")],
+    ids=["nuts-synthetic", "vi-hare-lynx"],
+)
 def test_demo_quick_writes_outputs(tmp_path: Path, flags: tuple[str, ...]) -> None:
     result = _demo(tmp_path, *flags)
     assert result.returncode == 0, result.stderr[-3000:]

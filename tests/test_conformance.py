@@ -31,23 +31,56 @@ from probdyn.testing import (
 # budget is Monte-Carlo error of the draws *plus* optimiser noise, so VI runs
 # with 8 particles per ELBO estimate and a learning rate decayed to 2 %.
 ENGINES = {
-    "nuts": (probdyn.NUTS(num_warmup=300, num_samples=500, num_chains=2,
-                          chain_method="vectorized", progress_bar=False),
-             {"normal": "mean+sd", "blr": "mean+sd"}),
-    "hmc": (probdyn.HMC(num_warmup=300, num_samples=500, num_chains=2,
-                        chain_method="vectorized", progress_bar=False),
-            {"normal": "mean+sd", "blr": "mean+sd"}),
-    "vi-normal": (probdyn.VI(guide="normal", num_steps=3000, learning_rate=0.02,
-                             num_particles=8, final_learning_rate_fraction=0.02,
-                             num_draws=1000, progress_bar=False),
-                  {"normal": "mean+sd", "blr": "mean"}),
-    "vi-lowrank": (probdyn.VI(guide="lowrank", num_steps=3000, learning_rate=0.02,
-                              num_particles=8, final_learning_rate_fraction=0.02,
-                              num_draws=1000, progress_bar=False),
-                   {"normal": "mean+sd", "blr": "mean+sd"}),
-    "vi-flow": (probdyn.VI(guide="flow", num_steps=1000, learning_rate=0.01,
-                           num_draws=1000, progress_bar=False),
-                {"normal": "none", "blr": "none"}),
+    "nuts": (
+        probdyn.NUTS(
+            num_warmup=300,
+            num_samples=500,
+            num_chains=2,
+            chain_method="vectorized",
+            progress_bar=False,
+        ),
+        {"normal": "mean+sd", "blr": "mean+sd"},
+    ),
+    "hmc": (
+        probdyn.HMC(
+            num_warmup=300,
+            num_samples=500,
+            num_chains=2,
+            chain_method="vectorized",
+            progress_bar=False,
+        ),
+        {"normal": "mean+sd", "blr": "mean+sd"},
+    ),
+    "vi-normal": (
+        probdyn.VI(
+            guide="normal",
+            num_steps=3000,
+            learning_rate=0.02,
+            num_particles=8,
+            final_learning_rate_fraction=0.02,
+            num_draws=1000,
+            progress_bar=False,
+        ),
+        {"normal": "mean+sd", "blr": "mean"},
+    ),
+    "vi-lowrank": (
+        probdyn.VI(
+            guide="lowrank",
+            num_steps=3000,
+            learning_rate=0.02,
+            num_particles=8,
+            final_learning_rate_fraction=0.02,
+            num_draws=1000,
+            progress_bar=False,
+        ),
+        {"normal": "mean+sd", "blr": "mean+sd"},
+    ),
+    "vi-flow": (
+        probdyn.VI(
+            guide="flow", num_steps=1000, learning_rate=0.01, num_draws=1000, progress_bar=False
+        ),
+        {"normal": "none", "blr": "none"},
+    ),
 }
 PROBLEMS = {
     "normal": (normal_model, normal_data, {"mu": ()}),
@@ -58,9 +91,14 @@ UNSUPPORTED = {
 }
 BACKENDS = [
     "numpyro",
-    pytest.param("pyro", marks=pytest.mark.xfail(
-        reason="Pyro backend not implemented yet (issue: Pyro backend)",
-        raises=NotImplementedError, strict=True)),
+    pytest.param(
+        "pyro",
+        marks=pytest.mark.xfail(
+            reason="Pyro backend not implemented yet (issue: Pyro backend)",
+            raises=NotImplementedError,
+            strict=True,
+        ),
+    ),
 ]
 
 
@@ -92,8 +130,9 @@ def test_layout_arviz_finite(engine_name: str, problem_name: str, backend: str) 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
 @pytest.mark.parametrize("engine_name", sorted(ENGINES))
-def test_accuracy_against_exact_posterior(engine_name: str, problem_name: str,
-                                          backend: str) -> None:
+def test_accuracy_against_exact_posterior(
+    engine_name: str, problem_name: str, backend: str
+) -> None:
     what = ENGINES[engine_name][1][problem_name]
     if what == "none" and backend == "numpyro":
         pytest.skip(f"{engine_name}: no accuracy claim on {problem_name} (see ENGINES)")
@@ -106,8 +145,13 @@ def test_accuracy_against_exact_posterior(engine_name: str, problem_name: str,
 @pytest.mark.parametrize("engine_name", sorted(ENGINES))
 def test_same_key_same_draws(engine_name: str, backend: str) -> None:
     problem = "blr" if engine_name == "vi-flow" else "normal"
-    runs = iter([_fit(engine_name, problem, backend, 0), _refit(engine_name, problem, backend),
-                 _fit(engine_name, problem, backend, 1)])
+    runs = iter(
+        [
+            _fit(engine_name, problem, backend, 0),
+            _refit(engine_name, problem, backend),
+            _fit(engine_name, problem, backend, 1),
+        ]
+    )
     check_reproducible(lambda key: next(runs))
 
 
@@ -115,5 +159,4 @@ def _refit(engine_name: str, problem: str, backend: str) -> probdyn.Posterior:
     # A fresh run with key 0 (not the cached one), so bit-for-bit equality is
     # checked between two real runs.
     model, data, _ = PROBLEMS[problem]
-    return probdyn.fit(model, *data().args, engine=ENGINES[engine_name][0], key=0,
-                       backend=backend)
+    return probdyn.fit(model, *data().args, engine=ENGINES[engine_name][0], key=0, backend=backend)

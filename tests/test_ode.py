@@ -33,9 +33,14 @@ def test_t0_keyword_starts_before_first_observation() -> None:
 @pytest.mark.parametrize("adjoint", ["recursive", "backsolve"])
 def test_gradient_matches_finite_differences(adjoint: str) -> None:
     times = jnp.linspace(0.0, 2.0, 6)
-    ode = NeuralODE(lambda t, z, p: jnp.stack([p[0] * z[0] - p[1] * z[0] * z[1],
-                                               p[1] * z[0] * z[1] - p[2] * z[1]]),
-                    rtol=1e-10, atol=1e-10, adjoint=adjoint)
+    ode = NeuralODE(
+        lambda t, z, p: jnp.stack(
+            [p[0] * z[0] - p[1] * z[0] * z[1], p[1] * z[0] * z[1] - p[2] * z[1]]
+        ),
+        rtol=1e-10,
+        atol=1e-10,
+        adjoint=adjoint,
+    )
 
     def loss(p):
         return jnp.sum(ode(jnp.array([1.0, 0.5]), times, args=p) ** 2)
@@ -43,8 +48,9 @@ def test_gradient_matches_finite_differences(adjoint: str) -> None:
     p = jnp.array([1.0, 0.8, 0.6])
     grad = jax.grad(loss)(p)
     eps = 1e-6
-    fd = np.array([(loss(p.at[i].add(eps)) - loss(p.at[i].add(-eps))) / (2 * eps)
-                   for i in range(3)])
+    fd = np.array(
+        [(loss(p.at[i].add(eps)) - loss(p.at[i].add(-eps))) / (2 * eps) for i in range(3)]
+    )
     np.testing.assert_allclose(grad, fd, rtol=1e-5)
 
 
@@ -60,8 +66,11 @@ def test_batched_times_rows_are_separate_series() -> None:
 
 def test_ragged_batch_equals_per_series_solves() -> None:
     ode = NeuralODE(lambda t, z, k: -k * z + jnp.sin(t), rtol=1e-9, atol=1e-9)
-    series = [jnp.array([0.0, 0.3, 1.1, 2.5]), jnp.array([0.1, 0.9]),
-              jnp.array([0.0, 0.2, 0.4, 0.6, 3.0])]
+    series = [
+        jnp.array([0.0, 0.3, 1.1, 2.5]),
+        jnp.array([0.1, 0.9]),
+        jnp.array([0.0, 0.2, 0.4, 0.6, 3.0]),
+    ]
     z0 = jnp.array([[1.0, 2.0], [0.5, 0.1], [2.0, -1.0]])
     ragged = ode(z0, series, args=0.3)
     assert [r.shape for r in ragged] == [(4, 2), (2, 2), (5, 2)]
@@ -102,9 +111,13 @@ def test_failed_solves_are_rejected_counted_and_reported() -> None:
     times = np.linspace(0.0, 2.0, 5)
     y = 1.0 / (1.0 + 0.3 * times)  # the solution for k = -0.3
     with pytest.warns(RuntimeWarning, match="ODE solve"):
-        post = probdyn.fit(exploding_model, times, y,
-                           engine=probdyn.NUTS(100, 100, init="sample", progress_bar=False),
-                           key=3)
+        post = probdyn.fit(
+            exploding_model,
+            times,
+            y,
+            engine=probdyn.NUTS(100, 100, init="sample", progress_bar=False),
+            key=3,
+        )
     assert post.attrs["num_failed_solves"] > 0
     assert np.all(np.isfinite(post.samples["k"]))
     assert abs(post.samples["k"].mean() + 0.3) < 0.1

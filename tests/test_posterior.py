@@ -28,8 +28,9 @@ def bnn_model(x, y=None):
 
 @pytest.fixture(scope="module")
 def vi_post() -> probdyn.Posterior:
-    return probdyn.fit(bnn_model, X, Y, engine=probdyn.VI(num_steps=300, num_draws=50,
-                                                          progress_bar=False), key=0)
+    return probdyn.fit(
+        bnn_model, X, Y, engine=probdyn.VI(num_steps=300, num_draws=50, progress_bar=False), key=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,15 @@ def nuts_post(vi_post: probdyn.Posterior) -> probdyn.Posterior:
 
 
 def _assert_same(a: probdyn.Posterior, b: probdyn.Posterior) -> None:
-    for group in ("samples", "sample_stats", "posterior_predictive", "log_likelihood",
-                  "observed_data", "params", "traces"):
+    for group in (
+        "samples",
+        "sample_stats",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "params",
+        "traces",
+    ):
         ga, gb = getattr(a, group), getattr(b, group)
         assert set(ga) == set(gb), group
         for name in ga:
@@ -64,12 +72,19 @@ def test_partial_bnn_params_are_fitted_by_vi_and_fixed_in_nuts(vi_post, nuts_pos
 
 
 def test_same_key_reproduces_bit_for_bit(nuts_post, vi_post) -> None:
-    again = probdyn.fit(bnn_model, X, Y, engine=nuts_post.attrs and probdyn.NUTS(
-        30, 40, num_chains=2, init=vi_post, progress_bar=False), key=0)
+    again = probdyn.fit(
+        bnn_model,
+        X,
+        Y,
+        engine=nuts_post.attrs
+        and probdyn.NUTS(30, 40, num_chains=2, init=vi_post, progress_bar=False),
+        key=0,
+    )
     for name in nuts_post.samples:
         np.testing.assert_array_equal(again.samples[name], nuts_post.samples[name])
-    np.testing.assert_array_equal(again.posterior_predictive["y"],
-                                  nuts_post.posterior_predictive["y"])
+    np.testing.assert_array_equal(
+        again.posterior_predictive["y"], nuts_post.posterior_predictive["y"]
+    )
 
 
 def test_metadata_is_recorded(nuts_post) -> None:
@@ -79,7 +94,8 @@ def test_metadata_is_recorded(nuts_post) -> None:
     assert {"jax", "numpyro", "arviz", "probdyn"} <= set(attrs["versions"])
     assert attrs["wall_time"] > 0 and attrs["compile_time"] > 0
     assert {"diverging", "acceptance_rate", "tree_depth", "energy", "lp"} <= set(
-        nuts_post.sample_stats)
+        nuts_post.sample_stats
+    )
 
 
 def test_predict_on_new_inputs(nuts_post, tmp_path: Path) -> None:
@@ -137,8 +153,10 @@ def test_engine_must_be_a_config() -> None:
 
 
 def test_import_probdyn_does_not_import_a_backend() -> None:
-    code = ("import sys, probdyn, probdyn.calibration, probdyn.data; "
-            "assert 'jax' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys, probdyn, probdyn.calibration, probdyn.data; "
+        "assert 'jax' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -153,14 +171,18 @@ def decay_model(times, y=None):
 def test_non_finite_observed_data(bad: float) -> None:
     y = np.ones(4)
     y[2] = bad
-    with pytest.raises(ValueError, match="observed site 'y'.*NaN/inf.*mask"):
+    with pytest.raises(ValueError, match=r"observed site 'y'.*NaN/inf.*mask"):
         probdyn.fit(decay_model, np.arange(4.0), y, engine=probdyn.NUTS(5, 5))
 
 
-@pytest.mark.parametrize("times, what", [
-    (np.array([0.0, 2.0, 1.0]), "unsorted"), (np.array([0.0, 1.0, 1.0]), "duplicate"),
-    (np.array([0.0, np.nan]), "NaN"),
-])
+@pytest.mark.parametrize(
+    "times, what",
+    [
+        (np.array([0.0, 2.0, 1.0]), "unsorted"),
+        (np.array([0.0, 1.0, 1.0]), "duplicate"),
+        (np.array([0.0, np.nan]), "NaN"),
+    ],
+)
 def test_bad_times(times: np.ndarray, what: str) -> None:
     with pytest.raises(ValueError, match=f"times.*{what}"):
         NeuralODE(lambda t, z, a: -z)(jnp.ones(2), times)
@@ -171,10 +193,16 @@ def test_state_and_vector_field_shape_mismatch() -> None:
         NeuralODE(lambda t, z, a: jnp.ones(3))(jnp.ones(2), jnp.array([0.0, 1.0]))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"solver": "rk45"}, "solver"), ({"adjoint": "magic"}, "adjoint"),
-    ({"solver": "euler"}, "dt0"), ({"rtol": 0.0}, "rtol"), ({"max_steps": 0}, "max_steps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"solver": "rk45"}, "solver"),
+        ({"adjoint": "magic"}, "adjoint"),
+        ({"solver": "euler"}, "dt0"),
+        ({"rtol": 0.0}, "rtol"),
+        ({"max_steps": 0}, "max_steps"),
+    ],
+)
 def test_bad_solver_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         NeuralODE(lambda t, z, a: -z, **kwargs)
@@ -196,5 +224,4 @@ def test_corrupt_or_missing_file(tmp_path: Path) -> None:
 
 def test_bad_key() -> None:
     with pytest.raises(TypeError, match="key"):
-        probdyn.fit(decay_model, np.arange(4.0), np.ones(4), engine=probdyn.NUTS(5, 5),
-                    key="seed")
+        probdyn.fit(decay_model, np.arange(4.0), np.ones(4), engine=probdyn.NUTS(5, 5), key="seed")

@@ -16,7 +16,11 @@ TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
 def test_tutorial_runs_in_smoke_mode(path: Path, tmp_path: Path) -> None:
     env = {**os.environ, "CI": "true", "MPLBACKEND": "Agg"}
     result = subprocess.run(
-        [sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -74,8 +74,9 @@ def model(times, y=None):
     def field(t, z, args):
         rates = jax.nn.softplus(net(z))
         encounters = z[0] * z[1]
-        return jnp.stack([alpha * z[0] - encounters * rates[0],
-                          -gamma * z[1] + encounters * rates[1]])
+        return jnp.stack(
+            [alpha * z[0] - encounters * rates[0], -gamma * z[1] + encounters * rates[1]]
+        )
 
     z = numpyro.deterministic("z", NeuralODE(field, rtol=1e-5, atol=1e-5)(z0, times, t0=0.0))
     numpyro.sample("y", dist.LogNormal(jnp.log(jnp.clip(z, 1e-6)), sigma), obs=y)
@@ -92,8 +93,7 @@ if SMOKE_TEST:
     nuts = probdyn.NUTS(num_warmup=20, num_samples=20, max_tree_depth=4, init="map")
     vi = probdyn.VI(num_steps=100, num_draws=40, init="map")
 else:
-    nuts = probdyn.NUTS(num_warmup=300, num_samples=300, num_chains=2, max_tree_depth=7,
-                        init="map")
+    nuts = probdyn.NUTS(num_warmup=300, num_samples=300, num_chains=2, max_tree_depth=7, init="map")
     vi = probdyn.VI(num_steps=3000, num_draws=600, init="map")
 
 posteriors = {

@@ -6,20 +6,42 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["HARE_LYNX", "PredatorPreyData", "hare_lynx", "lotka_volterra",
-           "synthetic_predator_prey"]
+__all__ = [
+    "HARE_LYNX",
+    "PredatorPreyData",
+    "hare_lynx",
+    "lotka_volterra",
+    "synthetic_predator_prey",
+]
 
 # Hudson's Bay Company pelts (thousands), 1900-1920: year, hare, lynx. A public
 # historical table (as used in Carpenter's Stan case study on Lotka-Volterra
 # models), typed in here.
-HARE_LYNX = np.array([
-    [1900, 30.0, 4.0], [1901, 47.2, 6.1], [1902, 70.2, 9.8], [1903, 77.4, 35.2],
-    [1904, 36.3, 59.4], [1905, 20.6, 41.7], [1906, 18.1, 19.0], [1907, 21.4, 13.0],
-    [1908, 22.0, 8.3], [1909, 25.4, 9.1], [1910, 27.1, 7.4], [1911, 40.3, 8.0],
-    [1912, 57.0, 12.3], [1913, 76.6, 19.5], [1914, 52.3, 45.7], [1915, 19.5, 51.1],
-    [1916, 11.2, 29.7], [1917, 7.6, 15.8], [1918, 14.6, 9.7], [1919, 16.2, 10.1],
-    [1920, 24.7, 8.6],
-])
+HARE_LYNX = np.array(
+    [
+        [1900, 30.0, 4.0],
+        [1901, 47.2, 6.1],
+        [1902, 70.2, 9.8],
+        [1903, 77.4, 35.2],
+        [1904, 36.3, 59.4],
+        [1905, 20.6, 41.7],
+        [1906, 18.1, 19.0],
+        [1907, 21.4, 13.0],
+        [1908, 22.0, 8.3],
+        [1909, 25.4, 9.1],
+        [1910, 27.1, 7.4],
+        [1911, 40.3, 8.0],
+        [1912, 57.0, 12.3],
+        [1913, 76.6, 19.5],
+        [1914, 52.3, 45.7],
+        [1915, 19.5, 51.1],
+        [1916, 11.2, 29.7],
+        [1917, 7.6, 15.8],
+        [1918, 14.6, 9.7],
+        [1919, 16.2, 10.1],
+        [1920, 24.7, 8.6],
+    ]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +72,10 @@ class PredatorPreyData:
 def lotka_volterra(
     times: np.ndarray,
     z0: tuple[float, float] = (1.0, 0.5),
-    alpha: float = 1.0, beta: float = 0.8, gamma: float = 1.0, delta: float = 0.5,
+    alpha: float = 1.0,
+    beta: float = 0.8,
+    gamma: float = 1.0,
+    delta: float = 0.5,
     substeps: int = 200,
 ) -> np.ndarray:
     """Solve the Lotka–Volterra equations with fixed-step RK4 (NumPy only).
@@ -70,6 +95,7 @@ def lotka_volterra(
         >>> lotka_volterra(np.array([0.0, 1.0])).shape
         (2, 2)
     """
+
     def f(z: np.ndarray) -> np.ndarray:
         x, y = z
         return np.array([alpha * x - beta * x * y, delta * x * y - gamma * y])
@@ -90,8 +116,13 @@ def lotka_volterra(
 
 
 def synthetic_predator_prey(
-    *, seed: int = 0, num_train: int = 16, num_test: int = 8, t_train: float = 8.0,
-    t_end: float = 12.0, noise: float = 0.1,
+    *,
+    seed: int = 0,
+    num_train: int = 16,
+    num_test: int = 8,
+    t_train: float = 8.0,
+    t_end: float = 12.0,
+    noise: float = 0.1,
 ) -> PredatorPreyData:
     """Sparse, noisy, irregularly sampled Lotka–Volterra data with a held-out window.
 
@@ -115,8 +146,14 @@ def synthetic_predator_prey(
     at = lambda ts: z_all[np.searchsorted(all_t, ts)]
     noisy = lambda z: z * np.exp(noise * rng.standard_normal(z.shape))
     return PredatorPreyData(
-        t_train=t_tr, y_train=noisy(at(t_tr)), t_test=t_te, y_test=noisy(at(t_te)),
-        t_grid=t_grid, z_grid=at(t_grid), z_test=at(t_te), scale=1.0,
+        t_train=t_tr,
+        y_train=noisy(at(t_tr)),
+        t_test=t_te,
+        y_test=noisy(at(t_te)),
+        t_grid=t_grid,
+        z_grid=at(t_grid),
+        z_test=at(t_te),
+        scale=1.0,
         name="synthetic Lotka-Volterra",
     )
 
@@ -134,7 +171,13 @@ def hare_lynx(*, num_test: int = 5, scale: float = 20.0) -> PredatorPreyData:
     y = HARE_LYNX[:, 1:] / scale
     n = len(t) - num_test
     return PredatorPreyData(
-        t_train=t[:n], y_train=y[:n], t_test=t[n:], y_test=y[n:],
-        t_grid=np.linspace(0.0, t[-1], 201), z_grid=None, z_test=None, scale=scale,
+        t_train=t[:n],
+        y_train=y[:n],
+        t_test=t[n:],
+        y_test=y[n:],
+        t_grid=np.linspace(0.0, t[-1], 201),
+        z_grid=None,
+        z_test=None,
+        scale=scale,
         name="Hudson's Bay hare-lynx 1900-1920",
     )

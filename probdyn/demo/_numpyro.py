@@ -37,8 +37,9 @@ def predator_prey_ude(times: Array, y: Array | None = None, *, hidden: int = 8) 
         # up); the network learns how the per-encounter rates vary with state.
         rates = jax.nn.softplus(net(z))
         encounters = z[0] * z[1]
-        return jnp.stack([alpha * z[0] - encounters * rates[0],
-                          -gamma * z[1] + encounters * rates[1]])
+        return jnp.stack(
+            [alpha * z[0] - encounters * rates[0], -gamma * z[1] + encounters * rates[1]]
+        )
 
     ode = NeuralODE(field, rtol=1e-5, atol=1e-5, max_steps=2048)
     z = numpyro.deterministic("z", ode(z0, times, t0=0.0))

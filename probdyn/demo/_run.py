@@ -29,20 +29,36 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(map_steps=200, vi_steps=200, num_warmup=30, num_samples=30,
-                   num_chains=1, max_tree_depth=4, num_draws=60)
+        return cls(
+            map_steps=200,
+            vi_steps=200,
+            num_warmup=30,
+            num_samples=30,
+            num_chains=1,
+            max_tree_depth=4,
+            num_draws=60,
+        )
 
 
 def _engine(name: str, s: DemoSettings) -> Any:
     import probdyn
 
     if name == "nuts":
-        return probdyn.NUTS(num_warmup=s.num_warmup, num_samples=s.num_samples,
-                            num_chains=s.num_chains, max_tree_depth=s.max_tree_depth,
-                            init="map")
+        return probdyn.NUTS(
+            num_warmup=s.num_warmup,
+            num_samples=s.num_samples,
+            num_chains=s.num_chains,
+            max_tree_depth=s.max_tree_depth,
+            init="map",
+        )
     if name == "vi":
-        return probdyn.VI(guide="normal", num_steps=s.vi_steps, learning_rate=0.01,
-                          num_draws=s.num_draws, init="map")
+        return probdyn.VI(
+            guide="normal",
+            num_steps=s.vi_steps,
+            learning_rate=0.01,
+            num_draws=s.num_draws,
+            init="map",
+        )
     raise ValueError(f"--engine {name!r}: choose 'nuts' or 'vi'.")
 
 
@@ -65,9 +81,16 @@ def _model(backend: str) -> Any:
     )
 
 
-def run_demo(*, engine: str = "nuts", backend: str = "numpyro", data: str = "synthetic",
-             out: str = "probdyn-demo", quick: bool = False, seed: int = 0,
-             verbose: bool = True) -> dict[str, Any]:
+def run_demo(
+    *,
+    engine: str = "nuts",
+    backend: str = "numpyro",
+    data: str = "synthetic",
+    out: str = "probdyn-demo",
+    quick: bool = False,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Fit the predator–prey universal differential equation and report.
 
     Writes ``posterior.nc``, ``predictive.png``, ``calibration.csv`` and
@@ -80,11 +103,14 @@ def run_demo(*, engine: str = "nuts", backend: str = "numpyro", data: str = "syn
     dataset = _load_data(data, seed)
     model = _model(backend)
     os.makedirs(out, exist_ok=True)
-    say(f"probdyn demo: {dataset.name}, {len(dataset.t_train)} training observations, "
-        f"{len(dataset.t_test)} held out; engine={engine}, backend={backend}")
+    say(
+        f"probdyn demo: {dataset.name}, {len(dataset.t_train)} training observations, "
+        f"{len(dataset.t_test)} held out; engine={engine}, backend={backend}"
+    )
     start = time.perf_counter()
-    post = probdyn.fit(model, dataset.t_train, dataset.y_train,
-                       engine=_engine(engine, settings), key=seed)
+    post = probdyn.fit(
+        model, dataset.t_train, dataset.y_train, engine=_engine(engine, settings), key=seed
+    )
     pred = post.predict(dataset.t_grid, key=seed + 1, sites=["z", "y"])
     test = post.predict(dataset.t_test, key=seed + 2, sites=["z", "y"])
     elapsed = time.perf_counter() - start
@@ -103,8 +129,10 @@ def run_demo(*, engine: str = "nuts", backend: str = "numpyro", data: str = "syn
     say("\nCalibration on the held-out extrapolation window (central intervals):")
     say(table.to_string(float_format=lambda v: f"{v:.3f}"))
     n_div = int(np.sum(post.sample_stats.get("diverging", 0)))
-    say(f"\nfit + predict: {elapsed:.1f} s (compile {post.attrs['compile_time']:.1f} s), "
-        f"divergences: {n_div}, failed ODE solves: {post.attrs['num_failed_solves']}")
+    say(
+        f"\nfit + predict: {elapsed:.1f} s (compile {post.attrs['compile_time']:.1f} s), "
+        f"divergences: {n_div}, failed ODE solves: {post.attrs['num_failed_solves']}"
+    )
 
     paths = {
         "posterior": os.path.join(out, "posterior.nc"),
@@ -117,12 +145,18 @@ def run_demo(*, engine: str = "nuts", backend: str = "numpyro", data: str = "syn
     summary.to_csv(paths["summary"])
     plot_predictive(dataset, pred, paths["plot"], title=f"{dataset.name} — {engine.upper()}")
     say("wrote " + ", ".join(paths.values()))
-    return {"posterior": post, "summary": summary, "calibration": table, "paths": paths,
-            "seconds": elapsed}
+    return {
+        "posterior": post,
+        "summary": summary,
+        "calibration": table,
+        "paths": paths,
+        "seconds": elapsed,
+    }
 
 
-def plot_predictive(data: PredatorPreyData, pred: dict[str, np.ndarray], path: str,
-                    title: str = "") -> None:
+def plot_predictive(
+    data: PredatorPreyData, pred: dict[str, np.ndarray], path: str, title: str = ""
+) -> None:
     """Posterior predictive bands of both species against the data and the truth."""
     import matplotlib
 
@@ -135,12 +169,16 @@ def plot_predictive(data: PredatorPreyData, pred: dict[str, np.ndarray], path: s
         y = pred["y"][..., j]
         lo90, hi90 = interval(y, 0.9)
         zlo, zhi = interval(z, 0.9)
-        ax.fill_between(data.t_grid, lo90, hi90, color="C0", alpha=0.15,
-                        label="90% predictive (observations)")
-        ax.fill_between(data.t_grid, zlo, zhi, color="C0", alpha=0.35,
-                        label="90% credible (state)")
-        ax.plot(data.t_grid, np.median(z.reshape(-1, z.shape[-1]), axis=0), color="C0",
-                label="posterior median")
+        ax.fill_between(
+            data.t_grid, lo90, hi90, color="C0", alpha=0.15, label="90% predictive (observations)"
+        )
+        ax.fill_between(data.t_grid, zlo, zhi, color="C0", alpha=0.35, label="90% credible (state)")
+        ax.plot(
+            data.t_grid,
+            np.median(z.reshape(-1, z.shape[-1]), axis=0),
+            color="C0",
+            label="posterior median",
+        )
         if data.z_grid is not None:
             ax.plot(data.t_grid, data.z_grid[:, j], "k--", lw=1, label="truth")
         ax.plot(data.t_train, data.y_train[:, j], "ko", ms=4, label="observed (train)")

@@ -6,6 +6,5 @@ Importing this module imports jax, numpyro, diffrax and equinox. The engines
 
 from probdyn.numpyro._bnn import MLP, BayesianMLP, lift
 from probdyn.numpyro._ode import NeuralODE
-from probdyn.numpyro._predict import predict as _predict  # noqa: F401 (Posterior.predict)
 
 __all__ = ["MLP", "BayesianMLP", "NeuralODE", "lift"]

@@ -37,7 +37,11 @@ def build_posterior(
     """Add deterministic sites, log likelihood and posterior predictive, and metadata."""
     latent_np = {k: np.asarray(v) for k, v in latent.items()}
     det, loglik, pp = forward_draws(
-        model, args, kwargs, latent_np, params,
+        model,
+        args,
+        kwargs,
+        latent_np,
+        params,
         jax.random.fold_in(as_key(key), 1),
         latent=set(latent_np),
     )

@@ -16,9 +16,15 @@ __all__ = ["MAP_STEPS", "map_estimate"]
 MAP_STEPS = 2000
 
 
-def map_estimate(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 key: jax.Array, *, num_steps: int = MAP_STEPS, learning_rate: float = 0.01
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+def map_estimate(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: jax.Array,
+    *,
+    num_steps: int = MAP_STEPS,
+    learning_rate: float = 0.01,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Maximise the log joint density with Adam from the prior medians.
 
     Returns ``(latent values, model params)``, both constrained. Oscillatory ODE

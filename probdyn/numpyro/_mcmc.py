@@ -31,13 +31,15 @@ from probdyn.numpyro._util import as_key, check_observed, trace_model
 
 __all__ = ["run_mcmc"]
 
-_EXTRA_FIELDS = ("accept_prob", "num_steps", "energy", "potential_energy",
-                 "adapt_state.step_size")
+_EXTRA_FIELDS = ("accept_prob", "num_steps", "energy", "potential_energy", "adapt_state.step_size")
 
 
 def _chain_starts(
-    values: list[dict[str, Any]], params: dict[str, Any], model: Callable[..., Any],
-    args: tuple[Any, ...], kwargs: dict[str, Any],
+    values: list[dict[str, Any]],
+    params: dict[str, Any],
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> tuple[Callable[..., Any], Any]:
     """Fix ``params`` in the model and map one dict of values per chain to the
     unconstrained space the kernel starts from."""
@@ -65,8 +67,12 @@ def _init_from_posterior(
 
 
 def _init_from_map(
-    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-    latent: list[str], num_chains: int, key: jax.Array,
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    latent: list[str],
+    num_chains: int,
+    key: jax.Array,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every chain starts at the MAP estimate, jittered by 1e-2 in unconstrained
     space so that chains are distinct (and R-hat means something)."""
@@ -135,8 +141,13 @@ def _sample_stats(extra: dict[str, Any], nuts: bool) -> dict[str, np.ndarray]:
     return stats
 
 
-def run_mcmc(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             engine: NUTS | HMC, key: Any) -> Posterior:
+def run_mcmc(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: NUTS | HMC,
+    key: Any,
+) -> Posterior:
     """Run NumPyro's NUTS or HMC and return a `Posterior` (chains x draws)."""
     rng = as_key(key)
     trace = trace_model(model, args, kwargs, rng)
@@ -148,8 +159,9 @@ def run_mcmc(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     run_model, init_params = model, None
     if not isinstance(engine.init, str) or engine.init == "map":
         if isinstance(engine.init, str):
-            values, fixed = _init_from_map(model, args, kwargs, latent, engine.num_chains,
-                                           jax.random.fold_in(rng, 2))
+            values, fixed = _init_from_map(
+                model, args, kwargs, latent, engine.num_chains, jax.random.fold_in(rng, 2)
+            )
         else:
             values, fixed = _init_from_posterior(engine.init, latent, engine.num_chains)
         run_model, init_params = _chain_starts(values, fixed, model, args, kwargs)
@@ -180,8 +192,15 @@ def run_mcmc(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     wall = time.perf_counter() - start
     extra = mcmc.get_extra_fields(group_by_chain=True)
     return build_posterior(
-        model=model, args=args, kwargs=kwargs, engine=engine, key=key,
-        latent={k: samples[k] for k in latent}, params=params, observed=observed,
+        model=model,
+        args=args,
+        kwargs=kwargs,
+        engine=engine,
+        key=key,
+        latent={k: samples[k] for k in latent},
+        params=params,
+        observed=observed,
         sample_stats=_sample_stats(extra, isinstance(engine, NUTS)),
-        wall_time=wall, compile_time=timer.seconds,
+        wall_time=wall,
+        compile_time=timer.seconds,
     )

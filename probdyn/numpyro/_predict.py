@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 __all__ = ["forward_draws", "predict"]
 
 
-
-def _substituted(model: Callable[..., Any], draw: dict[str, Any], params: dict[str, Any]
-                 ) -> Callable[..., Any]:
+def _substituted(
+    model: Callable[..., Any], draw: dict[str, Any], params: dict[str, Any]
+) -> Callable[..., Any]:
     def value_of(msg: dict[str, Any]) -> Any:
         if msg["type"] == "sample" and not msg["is_observed"]:
             return draw.get(msg["name"])
@@ -69,8 +69,11 @@ def forward_draws(
         )
         det = {n: s["value"] for n, s in tr.items() if s["type"] == "deterministic"}
         loglik, pp = {}, {}
-        observed = [n for n, s in tr.items()
-                    if s["type"] == "sample" and s["is_observed"] and not is_factor(s)]
+        observed = [
+            n
+            for n, s in tr.items()
+            if s["type"] == "sample" and s["is_observed"] and not is_factor(s)
+        ]
         # Replicated data comes from the same run's observation distributions, so
         # the model (and any ODE in it) is solved once per draw, not twice.
         for n, kn in zip(observed, jax.random.split(k2, max(len(observed), 1))):
@@ -87,15 +90,22 @@ def forward_draws(
     return unflat(det), unflat(loglik), unflat(pp)
 
 
-def predict(post: Posterior, args: tuple[Any, ...], kwargs: dict[str, Any], *, key: Any,
-            sites: list[str] | None) -> dict[str, np.ndarray]:
+def predict(
+    post: Posterior,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    key: Any,
+    sites: list[str] | None,
+) -> dict[str, np.ndarray]:
     """`Posterior.predict` for NumPyro models (see there)."""
     assert post.model is not None
     model = post.model
     latent = set(post.attrs.get("latent_sites", post.samples))
     lead = (post.num_chains, post.num_draws)
-    flat = {k: jnp.reshape(v, (-1, *np.shape(v)[2:])) for k, v in post.samples.items()
-            if k in latent}
+    flat = {
+        k: jnp.reshape(v, (-1, *np.shape(v)[2:])) for k, v in post.samples.items() if k in latent
+    }
     params = {k: jnp.asarray(v) for k, v in post.params.items()}
     if sites is not None:
         if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
@@ -117,7 +127,8 @@ def predict(post: Posterior, args: tuple[Any, ...], kwargs: dict[str, Any], *, k
         if sites is not None:
             return {n: tr[n]["value"] for n in sites}
         return {
-            n: s["value"] for n, s in tr.items()
+            n: s["value"]
+            for n, s in tr.items()
             if (s["type"] == "sample" and n not in latent and not is_factor(s))
             or s["type"] == "deterministic"
         }

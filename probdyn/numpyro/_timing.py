@@ -33,8 +33,12 @@ class CompileTimer:
         monitoring.register_event_duration_secs_listener(self._listener)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         monitoring.unregister_event_duration_listener(self._listener)
 
     @property

@@ -25,9 +25,7 @@ def as_key(key: Any) -> jax.Array:
             return jax.random.key_data(key)
         if key.shape == (2,) and key.dtype == jnp.uint32:
             return key
-    raise TypeError(
-        f"key={key!r}: expected an int seed or a JAX PRNG key (jax.random.key(0))."
-    )
+    raise TypeError(f"key={key!r}: expected an int seed or a JAX PRNG key (jax.random.key(0)).")
 
 
 def seed_record(key: Any) -> Any:
@@ -37,8 +35,9 @@ def seed_record(key: Any) -> Any:
     return [int(v) for v in np.asarray(as_key(key)).ravel()]
 
 
-def trace_model(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                key: Any = 0) -> dict[str, Any]:
+def trace_model(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = 0
+) -> dict[str, Any]:
     """Run the model once under a seed and return its trace."""
     return handlers.trace(handlers.seed(model, as_key(key))).get_trace(*args, **kwargs)
 
@@ -49,7 +48,8 @@ def is_factor(site: dict[str, Any]) -> bool:
 
 def observed_sites(trace: dict[str, Any]) -> dict[str, Any]:
     return {
-        name: site for name, site in trace.items()
+        name: site
+        for name, site in trace.items()
         if site["type"] == "sample" and site["is_observed"] and not is_factor(site)
     }
 

@@ -42,8 +42,9 @@ def _guide(engine: VI, model: Callable[..., Any], start: dict[str, Any] | None) 
     return AutoIAFNormal(model, num_flows=2, init_loc_fn=init)
 
 
-def _optimise(svi: SVI, state: Any, engine: VI, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> tuple[Any, np.ndarray]:
+def _optimise(
+    svi: SVI, state: Any, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, np.ndarray]:
     # Steps run in compiled blocks (lax.scan); the progress bar advances per block.
     block = max(1, engine.num_steps // 50)
 
@@ -67,8 +68,9 @@ def _optimise(svi: SVI, state: Any, engine: VI, args: tuple[Any, ...],
     return state, np.concatenate(losses)[: engine.num_steps]
 
 
-def run_vi(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-           engine: VI, key: Any) -> Posterior:
+def run_vi(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
+) -> Posterior:
     """Fit an autoguide by SVI; its draws form one chain of ``num_draws`` draws."""
     rng = as_key(key)
     trace = trace_model(model, args, kwargs, rng)
@@ -103,10 +105,15 @@ def run_vi(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
         draws = jax.block_until_ready(draws)
     wall = time.perf_counter() - start
     return build_posterior(
-        model=model, args=args, kwargs=kwargs, engine=engine, key=key,
+        model=model,
+        args=args,
+        kwargs=kwargs,
+        engine=engine,
+        key=key,
         latent={k: jnp.expand_dims(draws[k], 0) for k in latent},
         params={k: fitted[k] for k in model_params},
         observed=observed,
         traces={"loss": losses},
-        wall_time=wall, compile_time=timer.seconds,
+        wall_time=wall,
+        compile_time=timer.seconds,
     )

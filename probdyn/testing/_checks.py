@@ -9,12 +9,16 @@ import numpy as np
 
 from probdyn._posterior import Posterior
 
-__all__ = ["check_accuracy", "check_arviz", "check_finite", "check_layout",
-           "check_reproducible"]
+__all__ = ["check_accuracy", "check_arviz", "check_finite", "check_layout", "check_reproducible"]
 
 
-def check_layout(post: Posterior, event_shapes: Mapping[str, tuple[int, ...]], *,
-                 num_chains: int | None = None, num_draws: int | None = None) -> None:
+def check_layout(
+    post: Posterior,
+    event_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    num_chains: int | None = None,
+    num_draws: int | None = None,
+) -> None:
     """Every site is ``(chain, draw, *event)`` with the expected event shape.
 
     Also checks that sample stats, log likelihood and posterior predictive share
@@ -31,7 +35,10 @@ def check_layout(post: Posterior, event_shapes: Mapping[str, tuple[int, ...]], *
     for name, shape in event_shapes.items():
         assert name in post.samples, f"site {name!r} missing from {sorted(post.samples)}"
         assert np.shape(post.samples[name]) == lead + tuple(shape), (
-            name, np.shape(post.samples[name]), lead + tuple(shape))
+            name,
+            np.shape(post.samples[name]),
+            lead + tuple(shape),
+        )
     for group in (post.sample_stats, post.log_likelihood, post.posterior_predictive):
         for name, value in group.items():
             assert np.shape(value)[:2] == lead, (name, np.shape(value), lead)
@@ -77,8 +84,15 @@ def check_reproducible(fit: Callable[[Any], Posterior]) -> None:
     assert any(not np.array_equal(a.samples[n], c.samples[n]) for n in a.samples)
 
 
-def check_accuracy(post: Posterior, site: str, exact_mean: Any, exact_sd: Any, *,
-                   num_mcse: float = 4.0, check_sd: bool = True) -> None:
+def check_accuracy(
+    post: Posterior,
+    site: str,
+    exact_mean: Any,
+    exact_sd: Any,
+    *,
+    num_mcse: float = 4.0,
+    check_sd: bool = True,
+) -> None:
     """Posterior mean (and sd) of ``site`` agree with the exact values in MC units.
 
     Mean: ``|mean - exact| <= num_mcse * MCSE`` per element, with ArviZ's MCSE
@@ -95,11 +109,15 @@ def check_accuracy(post: Posterior, site: str, exact_mean: Any, exact_sd: Any, *
     az = import_arviz()
     draws = np.asarray(post.samples[site], dtype=float)
     mean = draws.mean(axis=(0, 1))
-    mcse = np.asarray(az.mcse(draws, method="mean")) if draws.ndim == 2 else np.asarray(
-        [az.mcse(draws[..., i], method="mean") for i in range(draws.shape[-1])])
+    mcse = (
+        np.asarray(az.mcse(draws, method="mean"))
+        if draws.ndim == 2
+        else np.asarray([az.mcse(draws[..., i], method="mean") for i in range(draws.shape[-1])])
+    )
     err = np.abs(mean - np.asarray(exact_mean))
     assert np.all(err <= num_mcse * mcse), (
-        f"{site}: |mean - exact| = {err} exceeds {num_mcse} x MCSE = {num_mcse * mcse}")
+        f"{site}: |mean - exact| = {err} exceeds {num_mcse} x MCSE = {num_mcse * mcse}"
+    )
     if not check_sd:
         return
     flat = draws.reshape(draws.shape[0], draws.shape[1], -1)
@@ -108,4 +126,5 @@ def check_accuracy(post: Posterior, site: str, exact_mean: Any, exact_sd: Any, *
     exact = np.asarray(exact_sd, dtype=float).reshape(-1)
     tol = num_mcse * exact / np.sqrt(2 * ess)
     assert np.all(np.abs(sd - exact) <= tol), (
-        f"{site}: sd {sd} vs exact {exact}; tolerance {tol} (ess {ess})")
+        f"{site}: sd {sd} vs exact {exact}; tolerance {tol} (ess {ess})"
+    )

@@ -7,8 +7,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ReferenceProblem", "linear_regression_data", "linear_regression_model",
-           "normal_data", "normal_model"]
+__all__ = [
+    "ReferenceProblem",
+    "linear_regression_data",
+    "linear_regression_model",
+    "normal_data",
+    "normal_model",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +44,9 @@ class ReferenceProblem:
         return np.asarray(self.mean), self.sd
 
 
-def normal_model(y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0,
-                 noise: float = 1.0) -> None:
+def normal_model(
+    y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0, noise: float = 1.0
+) -> None:
     """``mu ~ Normal(prior_loc, prior_scale)``, ``y_i ~ Normal(mu, noise)`` (NumPyro)."""
     import numpyro
     import numpyro.distributions as dist
@@ -50,8 +56,14 @@ def normal_model(y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0,
         numpyro.sample("y", dist.Normal(mu, noise), obs=y)
 
 
-def normal_data(n: int = 20, *, seed: int = 0, prior_loc: float = 0.0,
-                prior_scale: float = 2.0, noise: float = 1.0) -> ReferenceProblem:
+def normal_data(
+    n: int = 20,
+    *,
+    seed: int = 0,
+    prior_loc: float = 0.0,
+    prior_scale: float = 2.0,
+    noise: float = 1.0,
+) -> ReferenceProblem:
     """Data for `normal_model` and the exact conjugate posterior of ``mu``.
 
     Example:
@@ -62,12 +74,15 @@ def normal_data(n: int = 20, *, seed: int = 0, prior_loc: float = 0.0,
     y = np.random.default_rng(seed).normal(1.5, noise, n)
     precision = 1 / prior_scale**2 + n / noise**2
     mean = (prior_loc / prior_scale**2 + y.sum() / noise**2) / precision
-    return ReferenceProblem(args=(y, prior_loc, prior_scale, noise), site="mu",
-                            mean=np.asarray(mean), cov=np.asarray(1 / precision))
+    return ReferenceProblem(
+        args=(y, prior_loc, prior_scale, noise),
+        site="mu",
+        mean=np.asarray(mean),
+        cov=np.asarray(1 / precision),
+    )
 
 
-def linear_regression_model(x: Any, y: Any, prior_scale: float = 1.0,
-                            noise: float = 0.5) -> None:
+def linear_regression_model(x: Any, y: Any, prior_scale: float = 1.0, noise: float = 0.5) -> None:
     """``w ~ Normal(0, prior_scale I)``, ``y = x @ w + Normal(0, noise)`` (NumPyro)."""
     import numpyro
     import numpyro.distributions as dist
@@ -77,8 +92,9 @@ def linear_regression_model(x: Any, y: Any, prior_scale: float = 1.0,
         numpyro.sample("y", dist.Normal(x @ w, noise), obs=y)
 
 
-def linear_regression_data(n: int = 30, d: int = 3, *, seed: int = 0,
-                           prior_scale: float = 1.0, noise: float = 0.5) -> ReferenceProblem:
+def linear_regression_data(
+    n: int = 30, d: int = 3, *, seed: int = 0, prior_scale: float = 1.0, noise: float = 0.5
+) -> ReferenceProblem:
     """Correlated design, data and the exact Gaussian posterior of ``w``.
 
     Example:
