@@ -145,7 +145,7 @@ class Posterior:
         return backend.predict(self, args, kwargs, key=key, sites=sites)
 
     # -- summaries and conversion ------------------------------------------------
-    def summary(self, *, max_elements: int = 10, **kwargs: Any):  # type: ignore[no-untyped-def]
+    def summary(self, *, max_elements: int | None = 10, **kwargs: Any) -> Any:
         """ArviZ summary with one row per site for large sites.
 
         Sites with at most ``max_elements`` elements get one row per element, as in
@@ -160,7 +160,8 @@ class Posterior:
             **kwargs: passed to ``arviz.summary`` (e.g. ``hdi_prob``).
 
         Returns:
-            pandas.DataFrame.
+            A ``pandas.DataFrame`` with one row per element (small sites) or per site
+            (large sites).
         """
         from probdyn._summary import summarize
 

@@ -85,7 +85,10 @@ def lotka_volterra(
     Args:
         times: increasing output times; the solve starts at ``times[0]``.
         z0: (prey, predator) at ``times[0]``.
-        alpha, beta, gamma, delta: rates.
+        alpha: prey growth rate.
+        beta: rate at which predation removes prey.
+        gamma: predator death rate.
+        delta: predator growth per unit of prey.
         substeps: RK4 steps per unit time.
 
     Returns:
