@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
@@ -10,7 +9,22 @@ from jaxtyping import Array
 
 from probdyn.numpyro import BayesianMLP, NeuralODE
 
-__all__ = ["predator_prey_ude"]
+__all__ = ["interaction_prior", "predator_prey_ude"]
+
+
+# Log-rate network: hidden layer N(0, 1); output weights N(0, 0.1) (small
+# state-dependent deviations); output bias N(0, 1) (the log of a constant rate).
+def interaction_prior() -> dict[str, dist.Distribution]:
+    """The interaction network's prior, by parameter path.
+
+    Built when called, not at import, so that its parameters take the float
+    precision in force when the model runs.
+    """
+    return {
+        "layers.0.*": dist.Normal(0.0, 1.0),
+        "layers.1.weight": dist.Normal(0.0, 0.1),
+        "layers.1.bias": dist.Normal(0.0, 1.0),
+    }
 
 
 def predator_prey_ude(times: Array, y: Array | None = None, *, hidden: int = 8) -> None:
@@ -18,9 +32,18 @@ def predator_prey_ude(times: Array, y: Array | None = None, *, hidden: int = 8) 
 
     ``dx/dt = alpha x - x p g1(x, p)``, ``dp/dt = -gamma p + x p g2(x, p)``:
     growth and death are mechanistic with unknown rates; the per-encounter
-    interaction rates ``g`` are a small Bayesian MLP (classical Lotka–Volterra is
-    the special case of constant ``g``). Observations are log-normal around the state. The state
-    at ``t = 0`` is latent, so observation times need not start at 0.
+    interaction rates are ``g = exp(MLP(x, p))``, a small Bayesian MLP on the log
+    scale. Its output bias is the log of a constant rate (classical
+    Lotka–Volterra) under a ``Normal(0, 1)`` prior; its output weights, under a
+    ``Normal(0, 0.1)`` prior, make the rates vary with the state. The small prior
+    says "close to Lotka–Volterra unless the data say otherwise", and it is what
+    lets NUTS mix: with ``Normal(0, 1)`` on every weight the posterior is a thin
+    ridge in 42 dimensions and chains stall. (Measured on the demo data, NUTS
+    from a MAP start, tree depth 7: the bulk ESS of the trajectory at the held-out
+    times was 2–16 (min–median) per 200 draws with ``Normal(0, 1)`` weights, and
+    73–237 per 400 draws from two chains with this prior.) Observations are
+    log-normal around the state. The state at ``t = 0`` is latent, so
+    observation times need not start at 0.
 
     Sites: ``alpha``, ``gamma``, ``z0``, ``sigma``, ``interaction.*`` (weights),
     ``z`` (the trajectory at ``times``, deterministic) and ``y`` (observed).
@@ -29,13 +52,13 @@ def predator_prey_ude(times: Array, y: Array | None = None, *, hidden: int = 8) 
     gamma = numpyro.sample("gamma", dist.LogNormal(0.0, 1.0))
     z0 = numpyro.sample("z0", dist.LogNormal(0.0, 1.0).expand([2]).to_event(1))
     sigma = numpyro.sample("sigma", dist.HalfNormal(0.5))
-    net = BayesianMLP("interaction", [2, hidden, 2], prior=dist.Normal(0.0, 1.0))
+    net = BayesianMLP("interaction", [2, hidden, 2], prior=interaction_prior())
 
     def field(t: Array, z: Array, args: None) -> Array:
         # Interactions vanish when either species is absent, and encounters
         # cost prey and feed predators (positive rates, so no finite-time blow
         # up); the network learns how the per-encounter rates vary with state.
-        rates = jax.nn.softplus(net(z))
+        rates = jnp.exp(net(z))
         encounters = z[0] * z[1]
         return jnp.stack(
             [alpha * z[0] - encounters * rates[0], -gamma * z[1] + encounters * rates[1]]

@@ -75,10 +75,11 @@ def _model(backend: str) -> Any:
         from probdyn.demo._numpyro import predator_prey_ude
 
         return predator_prey_ude
-    raise NotImplementedError(
-        f"--backend {backend!r}: the demo model exists for 'numpyro' only so far "
-        "(the Pyro backend is planned)."
-    )
+    if backend == "pyro":
+        from probdyn.demo._pyro import predator_prey_ude as pyro_model
+
+        return pyro_model
+    raise ValueError(f"--backend {backend!r}: choose 'numpyro' or 'pyro'.")
 
 
 def run_demo(

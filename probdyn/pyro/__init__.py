@@ -1,0 +1,26 @@
+"""probdyn's Pyro (PyTorch) backend: model primitives for Pyro models.
+
+Importing this module imports torch, pyro and torchdiffeq. It exports the same
+names as `probdyn.numpyro`, with the same argument names, defaults and semantics
+(a test enforces it), so a model moves between backends by changing its imports:
+
+* `BayesianMLP` / `lift`: sites ``f"{name}.layers.{i}.weight"`` shaped
+  ``(in, out)`` and ``f"{name}.layers.{i}.bias"``, as on JAX, so one dict of
+  weights is one network in both backends.
+* `NeuralODE`: the shared solver vocabulary mapped onto torchdiffeq (see its
+  table). What this backend cannot do is refused with a ValueError naming the
+  nearest alternative: ``solver="kvaerno5"`` (torchdiffeq has no implicit stiff
+  solver) and ``adjoint="forward"`` (no forward-mode derivative through
+  torchdiffeq).
+
+`BACKEND_ONLY_KWARGS` lists keyword arguments that only this backend's version
+of a public name accepts (name -> set of argument names). It is empty: every
+signature is identical to its NumPyro twin.
+"""
+
+from probdyn.pyro._bnn import MLP, BayesianMLP, lift
+from probdyn.pyro._ode import NeuralODE
+
+__all__ = ["MLP", "BayesianMLP", "NeuralODE", "lift"]
+
+BACKEND_ONLY_KWARGS: dict[str, frozenset[str]] = {}
