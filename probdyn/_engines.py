@@ -111,7 +111,9 @@ class NUTS(AbstractEngine):
         chain_method: ``"sequential"``, ``"vectorized"`` (one compiled program for
             all chains) or ``"parallel"`` (one device per chain, through NumPyro's
             pmap; models with a `NeuralODE` cannot use it with JAX 0.10, see the
-            error message, and should use ``"vectorized"``).
+            error message, and should use ``"vectorized"``). On the Pyro backend
+            chains always run one after another in-process: ``"vectorized"`` means
+            ``"sequential"`` there, and ``"parallel"`` raises a ValueError.
         init: ``"median"`` (prior medians), ``"sample"`` (prior draws),
             ``"map"`` (a MAP estimate found by Adam from the prior medians; every
             chain starts there, slightly jittered, and fitted ``param`` sites are
@@ -234,7 +236,8 @@ class VI(AbstractEngine):
         final_learning_rate_fraction: learning rate at the end, as a fraction of the
             initial one (1.0 turns the decay off).
         init: ``"median"``, ``"sample"`` or ``"map"`` (a MAP estimate found by
-            Adam first): where the guide's location starts.
+            Adam first): where the guide's location starts. Pyro's flow guide
+            ignores it (it starts at a standard normal in unconstrained space).
         progress_bar: show a progress bar.
 
     Example:

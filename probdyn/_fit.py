@@ -68,12 +68,15 @@ def fit(
 
 def _referenced_modules(fn: Callable[..., Any]) -> set[str]:
     """Top-level packages named by the function's code, globals and closure."""
+    import dis
     import types
 
     found: set[str] = set()
     seen: set[int] = set()
 
     def visit_code(code: types.CodeType, globs: dict[str, Any]) -> None:
+        # Modules imported inside the function body (``import pyro`` in the model).
+        found.update(i.argval for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME")
         for name in code.co_names:
             obj = globs.get(name)
             if obj is not None:
@@ -150,9 +153,13 @@ def _traces_sites(
 
             tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
         else:
-            import pyro.poutine as poutine
+            # The probe must not touch the global torch RNG or the user's param
+            # store, and gets NumPy data as tensors, as the Pyro runners give it.
+            from probdyn.pyro._util import isolated, to_torch_args, trace_model
 
-            tr = poutine.trace(model).get_trace(*args, **kwargs).nodes
+            targs, tkwargs = to_torch_args(args, kwargs)
+            with isolated(0):
+                tr = trace_model(model, targs, tkwargs)
     except Exception:
         return False
     return any(site.get("type") == "sample" for site in tr.values())

@@ -21,6 +21,9 @@ _RUNNERS: dict[tuple[type[AbstractEngine], str], str | Callable[..., Any]] = {
     (NUTS, "numpyro"): "probdyn.numpyro._mcmc:run_mcmc",
     (HMC, "numpyro"): "probdyn.numpyro._mcmc:run_mcmc",
     (VI, "numpyro"): "probdyn.numpyro._vi:run_vi",
+    (NUTS, "pyro"): "probdyn.pyro._mcmc:run_mcmc",
+    (HMC, "pyro"): "probdyn.pyro._mcmc:run_mcmc",
+    (VI, "pyro"): "probdyn.pyro._vi:run_vi",
 }
 
 

@@ -1,15 +1,19 @@
 """One conformance suite for every (engine, backend) pair.
 
-Each engine fits the same two reference models with exact posteriors, and its
-Posterior must pass the checks in `probdyn.testing`. A pair that is not
-implemented yet shows as an expected failure with a reason, never a skip.
+Each engine fits the same two reference models with exact posteriors, on each
+backend (the Pyro twins of the models have the same data and exact posteriors),
+and its Posterior must pass the checks in `probdyn.testing`. A pair that cannot
+work shows as a strict expected failure with a reason, never a skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Iterator
 
 import pytest
+import torch
 
 import probdyn
 from probdyn.testing import (
@@ -19,9 +23,8 @@ from probdyn.testing import (
     check_layout,
     check_reproducible,
     linear_regression_data,
-    linear_regression_model,
     normal_data,
-    normal_model,
+    reference_model,
 )
 
 # name -> (engine, accuracy checks: "mean+sd", "mean" or "none" for each model).
@@ -82,38 +85,51 @@ ENGINES = {
         {"normal": "none", "blr": "none"},
     ),
 }
+# name -> (reference model name, data, event shapes of the latent sites).
 PROBLEMS = {
-    "normal": (normal_model, normal_data, {"mu": ()}),
-    "blr": (linear_regression_model, linear_regression_data, {"w": (3,)}),
+    "normal": ("normal", normal_data, {"mu": ()}),
+    "blr": ("linear_regression", linear_regression_data, {"w": (3,)}),
 }
+# Pairs that cannot work: the fit raises this error on every backend.
 UNSUPPORTED = {
-    ("vi-flow", "normal"): "a flow guide needs >= 2 latent dimensions (tested in test_fit.py)",
+    ("vi-flow", "normal"): (ValueError, "a flow guide needs >= 2 latent dimensions"),
 }
-BACKENDS = [
-    "numpyro",
-    pytest.param(
-        "pyro",
-        marks=pytest.mark.xfail(
-            reason="Pyro backend not implemented yet (issue: Pyro backend)",
-            raises=NotImplementedError,
-            strict=True,
-        ),
-    ),
-]
+BACKENDS = ("numpyro", "pyro")
+
+
+def _cases() -> list:
+    cases = []
+    for engine_name in sorted(ENGINES):
+        for problem_name in sorted(PROBLEMS):
+            for backend in BACKENDS:
+                marks = []
+                if (engine_name, problem_name) in UNSUPPORTED:
+                    error, reason = UNSUPPORTED[engine_name, problem_name]
+                    marks.append(pytest.mark.xfail(raises=error, reason=reason, strict=True))
+                cases.append(pytest.param(engine_name, problem_name, backend, marks=marks))
+    return cases
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_float64_one_thread() -> Iterator[None]:
+    # float64 on both backends (conftest enables it for NumPyro); the Pyro runner
+    # converts NumPy data to torch's default dtype. One intra-op thread: these
+    # models are tiny, and on a shared 2-core machine a second OpenMP thread makes
+    # small linear algebra (a 3x3 Cholesky) hundreds of times slower.
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
 
 
 @functools.cache
 def _fit(engine_name: str, problem_name: str, backend: str, key: int) -> probdyn.Posterior:
-    if (engine_name, problem_name) in UNSUPPORTED and backend == "numpyro":
-        pytest.skip(UNSUPPORTED[engine_name, problem_name])
-    model, data, _ = PROBLEMS[problem_name]
-    engine, _ = ENGINES[engine_name]
-    return probdyn.fit(model, *data().args, engine=engine, key=key, backend=backend)
+    return _run(ENGINES[engine_name][0], problem_name, backend, key)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
-@pytest.mark.parametrize("engine_name", sorted(ENGINES))
+@pytest.mark.parametrize("engine_name, problem_name, backend", _cases())
 def test_layout_arviz_finite(engine_name: str, problem_name: str, backend: str) -> None:
     post = _fit(engine_name, problem_name, backend, 0)
     engine, _ = ENGINES[engine_name]
@@ -127,14 +143,12 @@ def test_layout_arviz_finite(engine_name: str, problem_name: str, backend: str) 
     assert post.attrs["wall_time"] > 0 and post.attrs["compile_time"] >= 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
-@pytest.mark.parametrize("engine_name", sorted(ENGINES))
+@pytest.mark.parametrize("engine_name, problem_name, backend", _cases())
 def test_accuracy_against_exact_posterior(
     engine_name: str, problem_name: str, backend: str
 ) -> None:
     what = ENGINES[engine_name][1][problem_name]
-    if what == "none" and backend == "numpyro":
+    if what == "none" and (engine_name, problem_name) not in UNSUPPORTED:
         pytest.skip(f"{engine_name}: no accuracy claim on {problem_name} (see ENGINES)")
     post = _fit(engine_name, problem_name, backend, 0)
     problem = PROBLEMS[problem_name][1]()
@@ -144,19 +158,33 @@ def test_accuracy_against_exact_posterior(
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("engine_name", sorted(ENGINES))
 def test_same_key_same_draws(engine_name: str, backend: str) -> None:
+    # Three runs: key 0 twice (two real runs, so bit-for-bit equality is checked
+    # between them) and key 1. Reproducibility does not depend on run length; the
+    # cost does: a NumPyro run is mostly compilation, so it reuses the cached
+    # full-size fit, while a Pyro run is mostly sampling, so it runs a short version.
     problem = "blr" if engine_name == "vi-flow" else "normal"
-    runs = iter(
-        [
-            _fit(engine_name, problem, backend, 0),
-            _refit(engine_name, problem, backend),
-            _fit(engine_name, problem, backend, 1),
-        ]
+    if backend == "numpyro":
+        runs = iter(
+            [
+                _fit(engine_name, problem, backend, 0),
+                _run(ENGINES[engine_name][0], problem, backend, 0),
+                _fit(engine_name, problem, backend, 1),
+            ]
+        )
+        check_reproducible(lambda key: next(runs))
+    else:
+        engine = _short(ENGINES[engine_name][0])
+        check_reproducible(lambda key: _run(engine, problem, backend, key))
+
+
+def _run(engine: probdyn.AbstractEngine, problem: str, backend: str, key: int) -> probdyn.Posterior:
+    name, data, _ = PROBLEMS[problem]
+    return probdyn.fit(
+        reference_model(name, backend), *data().args, engine=engine, key=key, backend=backend
     )
-    check_reproducible(lambda key: next(runs))
 
 
-def _refit(engine_name: str, problem: str, backend: str) -> probdyn.Posterior:
-    # A fresh run with key 0 (not the cached one), so bit-for-bit equality is
-    # checked between two real runs.
-    model, data, _ = PROBLEMS[problem]
-    return probdyn.fit(model, *data().args, engine=ENGINES[engine_name][0], key=0, backend=backend)
+def _short(engine: probdyn.AbstractEngine) -> probdyn.AbstractEngine:
+    if isinstance(engine, probdyn.VI):
+        return dataclasses.replace(engine, num_steps=200, num_draws=100)
+    return dataclasses.replace(engine, num_warmup=50, num_samples=50)

@@ -1,18 +1,27 @@
-"""Reference models whose posteriors are known exactly (Gaussian conjugacy)."""
+"""Reference models whose posteriors are known exactly (Gaussian conjugacy).
+
+Each model exists in NumPyro and in Pyro (``*_pyro``), with the same sites, the same
+data and so the same exact posterior; `reference_model` picks one by backend.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "REFERENCE_MODELS",
     "ReferenceProblem",
     "linear_regression_data",
     "linear_regression_model",
+    "linear_regression_model_pyro",
     "normal_data",
     "normal_model",
+    "normal_model_pyro",
+    "reference_model",
 ]
 
 
@@ -56,6 +65,20 @@ def normal_model(
         numpyro.sample("y", dist.Normal(mu, noise), obs=y)
 
 
+def normal_model_pyro(
+    y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0, noise: float = 1.0
+) -> None:
+    """`normal_model` in Pyro (same sites ``mu`` and ``y``)."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    y = torch.as_tensor(y, dtype=torch.get_default_dtype())
+    mu = pyro.sample("mu", dist.Normal(prior_loc, prior_scale))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, noise), obs=y)
+
+
 def normal_data(
     n: int = 20,
     *,
@@ -92,6 +115,26 @@ def linear_regression_model(x: Any, y: Any, prior_scale: float = 1.0, noise: flo
         numpyro.sample("y", dist.Normal(x @ w, noise), obs=y)
 
 
+def linear_regression_model_pyro(
+    x: Any, y: Any, prior_scale: float = 1.0, noise: float = 0.5
+) -> None:
+    """`linear_regression_model` in Pyro (same sites ``w`` and ``y``).
+
+    The mean is written ``(x * w).sum(-1)`` rather than ``x @ w`` so that it
+    broadcasts over leading batch dimensions of ``w``: Pyro's VI can then
+    vectorise its ELBO particles.
+    """
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    x = torch.as_tensor(x, dtype=torch.get_default_dtype())
+    y = torch.as_tensor(y, dtype=torch.get_default_dtype())
+    w = pyro.sample("w", dist.Normal(0.0, prior_scale).expand([x.shape[1]]).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal((x * w).sum(-1), noise), obs=y)
+
+
 def linear_regression_data(
     n: int = 30, d: int = 3, *, seed: int = 0, prior_scale: float = 1.0, noise: float = 0.5
 ) -> ReferenceProblem:
@@ -109,3 +152,39 @@ def linear_regression_data(
     cov = np.linalg.inv(x.T @ x / noise**2 + np.eye(d) / prior_scale**2)
     mean = cov @ x.T @ y / noise**2
     return ReferenceProblem(args=(x, y, prior_scale, noise), site="w", mean=mean, cov=cov)
+
+
+REFERENCE_MODELS: dict[str, dict[str, Callable[..., None]]] = {
+    "normal": {"numpyro": normal_model, "pyro": normal_model_pyro},
+    "linear_regression": {
+        "numpyro": linear_regression_model,
+        "pyro": linear_regression_model_pyro,
+    },
+}
+
+
+def reference_model(name: str, backend: str) -> Callable[..., None]:
+    """The reference model ``name`` written for ``backend``.
+
+    Args:
+        name: ``"normal"`` (data: `normal_data`) or ``"linear_regression"``
+            (data: `linear_regression_data`).
+        backend: ``"numpyro"`` or ``"pyro"``.
+
+    Raises:
+        ValueError: for an unknown name or backend.
+
+    Example:
+        >>> reference_model("normal", "pyro").__name__
+        'normal_model_pyro'
+    """
+    if name not in REFERENCE_MODELS:
+        raise ValueError(
+            f"reference_model(name={name!r}): choose one of {', '.join(REFERENCE_MODELS)}."
+        )
+    models = REFERENCE_MODELS[name]
+    if backend not in models:
+        raise ValueError(
+            f"reference_model(backend={backend!r}): choose one of {', '.join(models)}."
+        )
+    return models[backend]
