@@ -21,8 +21,8 @@ class DemoSettings:
 
     map_steps: int = 2000
     vi_steps: int = 3000
-    num_warmup: int = 300
-    num_samples: int = 300
+    num_warmup: int = 250
+    num_samples: int = 250
     num_chains: int = 2
     max_tree_depth: int = 7
     num_draws: int = 600
