@@ -90,6 +90,26 @@ def forward_draws(
     return unflat(det), unflat(loglik), unflat(pp)
 
 
+def _site_types(
+    model: Callable[..., Any], params: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, str]:
+    """Site name -> site type, from an abstract trace of the model.
+
+    Under ``jax.eval_shape`` nothing is compiled or solved: an eager trace would
+    run the model (and solve its ODEs) op by op, measured at 4-5 s of compile for
+    the demo model against none here.
+    """
+    found: dict[str, str] = {}
+
+    def probe() -> int:
+        tr = handlers.trace(handlers.seed(_substituted(uncondition(model), {}, params), 0))
+        found.update({n: s["type"] for n, s in tr.get_trace(*args, **kwargs).items()})
+        return 0
+
+    jax.eval_shape(probe)
+    return found
+
+
 def predict(
     post: Posterior,
     args: tuple[Any, ...],
@@ -110,14 +130,12 @@ def predict(
     if sites is not None:
         if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
             raise TypeError(f"predict(sites={sites!r}): give a list of site names.")
-        proto = handlers.trace(
-            handlers.seed(_substituted(uncondition(model), {}, params), 0)
-        ).get_trace(*args, **kwargs)
+        proto = _site_types(model, params, args, kwargs)
         unknown = [s for s in sites if s not in proto]
         if unknown:
             raise ValueError(
                 f"predict(sites={sites!r}): the model has no site(s) {unknown}; "
-                f"available: {sorted(n for n, s in proto.items() if s['type'] != 'plate')}."
+                f"available: {sorted(n for n, t in proto.items() if t != 'plate')}."
             )
 
     def one(k: jax.Array, draw: dict[str, Any]) -> Any:
