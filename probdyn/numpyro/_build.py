@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
+from probdyn._assemble import assemble_posterior
 from probdyn._engines import AbstractEngine
 from probdyn._posterior import Posterior
 from probdyn.numpyro._ode import failed_solves
@@ -35,6 +35,7 @@ def build_posterior(
     extra_attrs: dict[str, Any] | None = None,
 ) -> Posterior:
     """Add deterministic sites, log likelihood and posterior predictive, and metadata."""
+    n_failed = failed_solves()  # read before the forward pass adds its own solves
     latent_np = {k: np.asarray(v) for k, v in latent.items()}
     det, loglik, pp = forward_draws(
         model,
@@ -45,37 +46,24 @@ def build_posterior(
         jax.random.fold_in(as_key(key), 1),
         latent=set(latent_np),
     )
-    n_failed = failed_solves()
-    if n_failed:
-        warnings.warn(
-            f"{n_failed} ODE solve(s) failed during the run (max_steps reached or a "
-            "non-finite state); those proposals were rejected. See "
-            "posterior.attrs['num_failed_solves'].",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    attrs = {
-        "engine": engine.to_dict(),
-        "backend": "numpyro",
-        "seed": seed_record(key),
-        "versions": versions(),
-        "wall_time": float(wall_time),
-        "compile_time": float(compile_time),
-        "num_failed_solves": int(n_failed),
-        "latent_sites": sorted(latent_np),
-        "model": getattr(model, "__name__", repr(model)),
-        **(extra_attrs or {}),
-    }
-    return Posterior(
-        samples={**latent_np, **det},
-        sample_stats={k: np.asarray(v) for k, v in (sample_stats or {}).items()},
-        posterior_predictive=pp,
-        log_likelihood=loglik,
-        observed_data=observed,
-        params={k: np.asarray(v) for k, v in params.items()},
-        traces={k: np.asarray(v) for k, v in (traces or {}).items()},
-        attrs=attrs,
+    return assemble_posterior(
+        backend="numpyro",
         model=model,
-        model_args=args,
-        model_kwargs=kwargs,
+        args=args,
+        kwargs=kwargs,
+        engine=engine,
+        seed=seed_record(key),
+        versions=versions(),
+        latent=latent_np,
+        deterministic=det,
+        log_likelihood=loglik,
+        posterior_predictive=pp,
+        observed=observed,
+        params={k: np.asarray(v) for k, v in params.items()},
+        sample_stats={k: np.asarray(v) for k, v in (sample_stats or {}).items()},
+        traces={k: np.asarray(v) for k, v in (traces or {}).items()},
+        num_failed_solves=n_failed,
+        wall_time=wall_time,
+        compile_time=compile_time,
+        extra_attrs=extra_attrs,
     )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from probdyn._assemble import assemble_posterior
 from probdyn._engines import AbstractEngine
 from probdyn._posterior import Posterior
 from probdyn.pyro._ode import failed_solves
@@ -45,36 +45,24 @@ def build_posterior(
     det, loglik, pp = forward_draws(
         model, args, kwargs, latent_np, params_np, sub_seed(seed, 1), latent=set(latent_np)
     )
-    if n_failed:
-        warnings.warn(
-            f"{n_failed} ODE solve(s) failed during the run (max_steps reached or a "
-            "non-finite state); those proposals were rejected. See "
-            "posterior.attrs['num_failed_solves'].",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    attrs = {
-        "engine": engine.to_dict(),
-        "backend": "pyro",
-        "seed": int(seed),
-        "versions": versions(),
-        "wall_time": float(wall_time),
-        "compile_time": float(compile_time),
-        "num_failed_solves": int(n_failed),
-        "latent_sites": sorted(latent_np),
-        "model": getattr(model, "__name__", repr(model)),
-        **(extra_attrs or {}),
-    }
-    return Posterior(
-        samples={**latent_np, **det},
-        sample_stats={k: to_numpy(v) for k, v in (sample_stats or {}).items()},
-        posterior_predictive=pp,
-        log_likelihood=loglik,
-        observed_data=observed,
-        params=params_np,
-        traces={k: to_numpy(v) for k, v in (traces or {}).items()},
-        attrs=attrs,
+    return assemble_posterior(
+        backend="pyro",
         model=model,
-        model_args=args,
-        model_kwargs=kwargs,
+        args=args,
+        kwargs=kwargs,
+        engine=engine,
+        seed=int(seed),
+        versions=versions(),
+        latent=latent_np,
+        deterministic=det,
+        log_likelihood=loglik,
+        posterior_predictive=pp,
+        observed=observed,
+        params=params_np,
+        sample_stats={k: to_numpy(v) for k, v in (sample_stats or {}).items()},
+        traces={k: to_numpy(v) for k, v in (traces or {}).items()},
+        num_failed_solves=n_failed,
+        wall_time=wall_time,
+        compile_time=compile_time,
+        extra_attrs=extra_attrs,
     )

@@ -1,0 +1,82 @@
+"""The backend-neutral end of every runner: metadata, warnings, the `Posterior`.
+
+Each backend's ``_build.py`` computes what needs the PPL (deterministic sites,
+pointwise log likelihood, posterior predictive, as NumPy arrays) and hands the rest
+to `assemble_posterior`, so the attributes and the failed-solve report are written
+once for both backends.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from probdyn._engines import AbstractEngine
+from probdyn._posterior import Posterior
+
+__all__ = ["assemble_posterior"]
+
+
+def assemble_posterior(
+    *,
+    backend: str,
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: AbstractEngine,
+    seed: Any,
+    versions: dict[str, str],
+    latent: dict[str, np.ndarray],
+    deterministic: dict[str, np.ndarray],
+    log_likelihood: dict[str, np.ndarray],
+    posterior_predictive: dict[str, np.ndarray],
+    observed: dict[str, np.ndarray],
+    params: dict[str, np.ndarray],
+    sample_stats: dict[str, np.ndarray],
+    traces: dict[str, np.ndarray],
+    num_failed_solves: int,
+    wall_time: float,
+    compile_time: float,
+    extra_attrs: dict[str, Any] | None = None,
+) -> Posterior:
+    """Record the run's metadata, report failed solves, and build the `Posterior`.
+
+    ``num_failed_solves`` counts the solves that failed *during the run* (read
+    before the post-processing forward pass, whose solves are not proposals).
+    """
+    if num_failed_solves:
+        warnings.warn(
+            f"{num_failed_solves} ODE solve(s) failed during the run (max_steps reached or a "
+            "non-finite state); those proposals were rejected. See "
+            "posterior.attrs['num_failed_solves'].",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    attrs = {
+        "engine": engine.to_dict(),
+        "backend": backend,
+        "seed": seed,
+        "versions": versions,
+        "wall_time": float(wall_time),
+        "compile_time": float(compile_time),
+        "num_failed_solves": int(num_failed_solves),
+        "latent_sites": sorted(latent),
+        "model": getattr(model, "__name__", repr(model)),
+        **(extra_attrs or {}),
+    }
+    return Posterior(
+        samples={**latent, **deterministic},
+        sample_stats=sample_stats,
+        posterior_predictive=posterior_predictive,
+        log_likelihood=log_likelihood,
+        observed_data=observed,
+        params=params,
+        traces=traces,
+        attrs=attrs,
+        model=model,
+        model_args=args,
+        model_kwargs=kwargs,
+    )
