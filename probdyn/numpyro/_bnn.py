@@ -21,6 +21,8 @@ import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 
+from probdyn._validate import check_mlp_args, layer_index
+
 __all__ = ["MLP", "BayesianMLP", "lift"]
 
 PriorSpec: TypeAlias = (
@@ -164,20 +166,6 @@ def lift(
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def _layer_index(bayesian_layers: Sequence[int] | None, n_layers: int) -> set[int] | None:
-    if bayesian_layers is None:
-        return None
-    out = set()
-    for i in bayesian_layers:
-        if not isinstance(i, int) or not -n_layers <= i < n_layers:
-            raise ValueError(
-                f"bayesian_layers={list(bayesian_layers)!r}: {i!r} is not a layer index of a "
-                f"{n_layers}-layer network (valid: {-n_layers}..{n_layers - 1})."
-            )
-        out.add(i % n_layers)
-    return out
-
-
 @functools.lru_cache(maxsize=64)
 def _init_layers(sizes: tuple[int, ...], seed: int) -> tuple[Linear, ...]:
     # Deterministic layers start at a Glorot-style scale; Bayesian ones are
@@ -240,27 +228,10 @@ def BayesianMLP(
         >>> net(jnp.ones((5, 2))).shape
         (5, 1)
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"BayesianMLP(name={name!r}): name must be a non-empty string.")
-    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise ValueError(
-            f"BayesianMLP(sizes={list(sizes)!r}): give at least two positive integer widths, "
-            "input first, e.g. [2, 16, 2]."
-        )
-    if isinstance(activation, str):
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"BayesianMLP(activation={activation!r}): choose one of {sorted(ACTIVATIONS)} "
-                "or pass a callable."
-            )
-        act = ACTIVATIONS[activation]
-    elif callable(activation):
-        act = activation
-    else:
-        raise ValueError(f"BayesianMLP(activation={activation!r}): not a name or a callable.")
+    act = check_mlp_args(name, sizes, activation, ACTIVATIONS)
     prior = dist.Normal(0.0, 1.0) if prior is None else prior
     _check_prior(prior)
-    chosen = _layer_index(bayesian_layers, len(sizes) - 1)
+    chosen = layer_index(bayesian_layers, len(sizes) - 1)
     template = _init_mlp(sizes, act, seed=len(name))
 
     def is_bayesian(path: str) -> bool:

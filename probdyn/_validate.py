@@ -1,0 +1,50 @@
+"""Argument checks shared by the backends' primitives (NumPy only).
+
+The NumPyro and Pyro twins must reject the same input with the same message; the
+checks live here once so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["check_mlp_args", "layer_index"]
+
+
+def check_mlp_args(
+    name: Any, sizes: Sequence[Any], activation: Any, activations: Mapping[str, Callable[..., Any]]
+) -> Callable[..., Any]:
+    """Validate `BayesianMLP`'s name, sizes and activation; return the activation function."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"BayesianMLP(name={name!r}): name must be a non-empty string.")
+    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ValueError(
+            f"BayesianMLP(sizes={list(sizes)!r}): give at least two positive integer widths, "
+            "input first, e.g. [2, 16, 2]."
+        )
+    if isinstance(activation, str):
+        if activation not in activations:
+            raise ValueError(
+                f"BayesianMLP(activation={activation!r}): choose one of {sorted(activations)} "
+                "or pass a callable."
+            )
+        return activations[activation]
+    if callable(activation):
+        return activation
+    raise ValueError(f"BayesianMLP(activation={activation!r}): not a name or a callable.")
+
+
+def layer_index(bayesian_layers: Sequence[int] | None, n_layers: int) -> set[int] | None:
+    """The stochastic layers as non-negative indices (None: every layer)."""
+    if bayesian_layers is None:
+        return None
+    out = set()
+    for i in bayesian_layers:
+        if not isinstance(i, int) or not -n_layers <= i < n_layers:
+            raise ValueError(
+                f"bayesian_layers={list(bayesian_layers)!r}: {i!r} is not a layer index of a "
+                f"{n_layers}-layer network (valid: {-n_layers}..{n_layers - 1})."
+            )
+        out.add(i % n_layers)
+    return out
