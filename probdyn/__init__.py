@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from probdyn._engines import HMC, NUTS, VI, AbstractEngine
+from probdyn._engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
 from probdyn._fit import fit
 from probdyn._io import load
 from probdyn._posterior import Posterior
@@ -24,8 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "HMC",
     "NUTS",
+    "SMC",
     "VI",
     "AbstractEngine",
+    "Ensemble",
     "Posterior",
     "__version__",
     "fit",

@@ -15,11 +15,14 @@ import dataclasses
 import difflib
 from typing import Any, ClassVar
 
-__all__ = ["HMC", "NUTS", "VI", "AbstractEngine"]
+__all__ = ["HMC", "NUTS", "SMC", "VI", "AbstractEngine", "Ensemble"]
 
 _CHAIN_METHODS = ("sequential", "vectorized", "parallel")
 _INIT_STRATEGIES = ("median", "sample", "map")
 _GUIDES = ("normal", "lowrank", "flow")
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_SMC_KERNELS = ("hmc", "mala", "rw")
+_SMC_STREAMS = ("tempered", "minibatch")
 
 
 class AbstractEngine:
@@ -274,4 +277,192 @@ class VI(AbstractEngine):
         _check_choice(cls, "init", self.init, _INIT_STRATEGIES)
 
 
-ENGINE_TYPES: dict[str, type[AbstractEngine]] = {"NUTS": NUTS, "HMC": HMC, "VI": VI}
+def _check_positive_number(cls: str, field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{cls}({field}={value!r}): {field} must be a positive number.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ensemble(AbstractEngine):
+    """A deep ensemble: ``num_members`` MAP fits of the same model, one per random start.
+
+    Every member maximises the model's log joint density (log prior + log
+    likelihood) with the same optimiser, from its own initialisation: the prior
+    median in the unconstrained space of each latent site, plus ``init_scale``
+    times standard normal noise. ``param`` sites are fitted per member as well.
+    All members run in one program: vectorised (``vmap``) and compiled once on
+    JAX, batched with ``torch.func`` on PyTorch.
+
+    Layout rule: the members are the draws of one chain, ``(1, num_members,
+    *event)``, as for VI; per-member ``param`` values are stored the same way in
+    ``samples`` (they differ between members, so they are draws, not fixed
+    parameters). ``traces["loss"]`` is ``(num_members, num_steps)``: each
+    member's negative log joint per step.
+
+    With ``anchored=True`` the ensemble is a randomised-MAP ("anchored")
+    ensemble: member ``k`` draws ``theta_k`` from the prior and replaces each
+    latent site's prior ``p(z)`` by the prior shifted to be centred on that draw,
+    ``p(z - theta_k + m)`` (``m`` the prior median, in unconstrained space), and
+    jitters every observation by one draw of the observation noise. For a model
+    with Gaussian priors and a Gaussian likelihood of known scale that is linear
+    in the latents, each member is then an exact posterior draw; elsewhere it is
+    an approximation (Pearce et al., 2020).
+
+    Args:
+        num_members: ensemble size (the draws of the posterior).
+        num_steps: optimisation steps per member.
+        learning_rate: initial learning rate; it decays exponentially to
+            ``final_learning_rate_fraction`` of itself over the run.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
+        init_scale: standard deviation of the random initialisation around the
+            prior median, in unconstrained space (0: every member starts at the
+            median, which only makes sense with ``anchored=True``).
+        anchored: randomised-MAP members (see above).
+        final_learning_rate_fraction: learning rate at the end, as a fraction of
+            the initial one (1.0 turns the decay off).
+        progress_bar: show a progress bar.
+
+    Example:
+        >>> import probdyn
+        >>> probdyn.Ensemble(num_members=10, num_steps=2000).num_members
+        10
+    """
+
+    name: ClassVar[str] = "ensemble"
+
+    num_members: int = 10
+    num_steps: int = 2000
+    learning_rate: float = 0.01
+    optimizer: str = "adam"
+    init_scale: float = 1.0
+    anchored: bool = False
+    final_learning_rate_fraction: float = 0.1
+    progress_bar: bool = True
+
+    def _validate(self) -> None:
+        cls = type(self).__name__
+        _check_positive_int(cls, "num_members", self.num_members)
+        _check_positive_int(cls, "num_steps", self.num_steps)
+        _check_positive_number(cls, "learning_rate", self.learning_rate)
+        _check_choice(cls, "optimizer", self.optimizer, _OPTIMIZERS)
+        scale = self.init_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            raise ValueError(f"{cls}(init_scale={scale!r}): must be a non-negative number.")
+        if not isinstance(self.anchored, bool):
+            raise ValueError(f"{cls}(anchored={self.anchored!r}): must be True or False.")
+        frac = self.final_learning_rate_fraction
+        if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise ValueError(f"{cls}(final_learning_rate_fraction={frac!r}): must be in (0, 1].")
+
+
+@dataclasses.dataclass(frozen=True)
+class SMC(AbstractEngine):
+    """Sequential Monte Carlo: likelihood tempering, or data streaming (Feynman–Kac).
+
+    ``stream="tempered"`` (default): particles start as prior draws and move
+    through the tempered targets ``p(theta) p(y | theta)**beta`` from ``beta = 0``
+    to ``1``. At each stage the next ``beta`` is chosen by bisection so that the
+    incremental weights keep an effective sample size of ``target_ess *
+    num_particles`` (``temperatures="adaptive"``), or taken from a given
+    increasing sequence ending at 1; then the particles are reweighted,
+    resampled, and moved by ``num_mcmc_steps`` steps of an MCMC ``kernel`` that
+    leaves the tempered target invariant, whose step size is adapted from the
+    acceptance rate of the previous stage. The product of the mean incremental
+    weights estimates the model evidence ``log p(y)``
+    (``Posterior.log_evidence``); the schedule is ``traces["temperature"]``.
+
+    ``stream="minibatch"`` is the open-horizon Feynman–Kac SMC of Zhao et al.
+    (AISTATS 2024) for partial Bayesian neural networks: the data arrive in
+    batches of ``batch_size`` (the time steps), particles track the posterior of
+    the latent (stochastic) sites, and the model's ``param`` sites (the
+    deterministic layers) are learned by Adam with the particle-weighted gradient
+    of the log marginal likelihood.
+
+    Layout rule: the particles are the draws of one chain, ``(1, num_particles,
+    *event)``; ``sample_stats["log_weight"]`` holds their normalised log weights
+    (uniform after the final resampling, in which case the draws are an
+    unweighted sample).
+
+    Args:
+        num_particles: number of particles (the draws of the posterior).
+        kernel: move kernel: ``"hmc"``, ``"mala"`` or ``"rw"`` (Gaussian random walk).
+        num_mcmc_steps: kernel steps per stage.
+        target_ess: ESS fraction kept at each stage, in (0, 1).
+        temperatures: ``"adaptive"`` or an increasing sequence of tempering
+            exponents in (0, 1] ending at 1.
+        num_leapfrog_steps: leapfrog steps per ``"hmc"`` move.
+        stream: ``"tempered"`` or ``"minibatch"`` (Feynman–Kac, see above).
+        batch_size: observations per time step (``stream="minibatch"`` only).
+        num_epochs: passes over the data (``stream="minibatch"`` only).
+        learning_rate: Adam learning rate for ``param`` sites
+            (``stream="minibatch"`` only).
+        progress_bar: show a progress bar.
+
+    Example:
+        >>> import probdyn
+        >>> probdyn.SMC(num_particles=500, kernel="mala").kernel
+        'mala'
+    """
+
+    name: ClassVar[str] = "smc"
+
+    num_particles: int = 1000
+    kernel: str = "hmc"
+    num_mcmc_steps: int = 10
+    target_ess: float = 0.5
+    temperatures: Any = "adaptive"
+    num_leapfrog_steps: int = 5
+    stream: str = "tempered"
+    batch_size: int | None = None
+    num_epochs: int = 1
+    learning_rate: float = 0.01
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperatures, str):
+            try:
+                temps = tuple(float(t) for t in self.temperatures)
+            except TypeError:
+                temps = None  # reported by _validate
+            if temps is not None:
+                object.__setattr__(self, "temperatures", temps)
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        cls = type(self).__name__
+        _check_positive_int(cls, "num_particles", self.num_particles)
+        _check_choice(cls, "kernel", self.kernel, _SMC_KERNELS)
+        _check_positive_int(cls, "num_mcmc_steps", self.num_mcmc_steps)
+        _check_probability(cls, "target_ess", self.target_ess)
+        _check_positive_int(cls, "num_leapfrog_steps", self.num_leapfrog_steps)
+        _check_choice(cls, "stream", self.stream, _SMC_STREAMS)
+        _check_positive_int(cls, "num_epochs", self.num_epochs)
+        _check_positive_number(cls, "learning_rate", self.learning_rate)
+        if self.batch_size is not None:
+            _check_positive_int(cls, "batch_size", self.batch_size)
+        if self.stream == "minibatch" and self.batch_size is None:
+            raise ValueError(f"{cls}(stream='minibatch'): give batch_size as well.")
+        temps = self.temperatures
+        if isinstance(temps, str):
+            _check_choice(cls, "temperatures", temps, ("adaptive",))
+            return
+        if not isinstance(temps, tuple) or not temps:
+            raise ValueError(
+                f"{cls}(temperatures={temps!r}): give 'adaptive' or a non-empty sequence of "
+                "numbers."
+            )
+        increasing = all(b > a for a, b in zip(temps, temps[1:]))
+        if not (increasing and temps[0] > 0 and temps[-1] == 1.0):
+            raise ValueError(
+                f"{cls}(temperatures={temps!r}): the sequence must increase strictly, start "
+                "above 0 and end at 1.0."
+            )
+
+
+ENGINE_TYPES: dict[str, type[AbstractEngine]] = {
+    "NUTS": NUTS,
+    "HMC": HMC,
+    "VI": VI,
+    "Ensemble": Ensemble,
+    "SMC": SMC,
+}

@@ -85,6 +85,16 @@ class Posterior:
         return int(np.shape(next(iter(self.samples.values())))[1])
 
     @property
+    def log_evidence(self) -> float | None:
+        """The engine's estimate of the log marginal likelihood ``log p(y)``.
+
+        SMC estimates it (``attrs["log_evidence"]``); engines that do not give
+        None.
+        """
+        value = self.attrs.get("log_evidence")
+        return None if value is None else float(value)
+
+    @property
     def backend(self) -> str:
         """The backend that produced the draws (``"numpyro"`` or ``"pyro"``)."""
         return str(self.attrs.get("backend", "numpyro"))

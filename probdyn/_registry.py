@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from probdyn._engines import HMC, NUTS, VI, AbstractEngine
+from probdyn._engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
 
 __all__ = ["get_runner", "register_runner"]
 
@@ -24,6 +24,10 @@ _RUNNERS: dict[tuple[type[AbstractEngine], str], str | Callable[..., Any]] = {
     (NUTS, "pyro"): "probdyn.pyro._mcmc:run_mcmc",
     (HMC, "pyro"): "probdyn.pyro._mcmc:run_mcmc",
     (VI, "pyro"): "probdyn.pyro._vi:run_vi",
+    (Ensemble, "numpyro"): "probdyn.numpyro._ensemble:run_ensemble",
+    (Ensemble, "pyro"): "probdyn.pyro._ensemble:run_ensemble",
+    (SMC, "numpyro"): "probdyn.numpyro._smc:run_smc",
+    (SMC, "pyro"): "probdyn.pyro._smc:run_smc",
 }
 
 

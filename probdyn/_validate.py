@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["check_mlp_args", "layer_index"]
+__all__ = ["check_mlp_args", "check_ode_args", "layer_index"]
 
 
 def check_mlp_args(
@@ -48,3 +48,39 @@ def layer_index(bayesian_layers: Sequence[int] | None, n_layers: int) -> set[int
             )
         out.add(i % n_layers)
     return out
+
+
+def check_ode_args(
+    vector_field: Any,
+    solver: Any,
+    adjoint: Any,
+    solvers: Mapping[str, Any],
+    adjoints: Mapping[str, Any],
+    *,
+    adaptive: bool,
+    dt0: Any,
+    max_steps: Any,
+    rtol: Any,
+    atol: Any,
+) -> None:
+    """Validate the options `NeuralODE` shares between backends.
+
+    ``solvers``/``adjoints`` are the backend's tables (only their keys are read);
+    ``adaptive`` says whether ``solver`` picks its own step sizes. Backend-specific
+    refusals (a solver one library lacks) are left to the caller, after these.
+    """
+    if not callable(vector_field):
+        raise TypeError(
+            f"NeuralODE(vector_field={vector_field!r}): expected a callable f(t, z, args)."
+        )
+    if solver not in solvers:
+        raise ValueError(f"NeuralODE(solver={solver!r}): choose one of {sorted(solvers)}.")
+    if adjoint not in adjoints:
+        raise ValueError(f"NeuralODE(adjoint={adjoint!r}): choose one of {sorted(adjoints)}.")
+    if not adaptive and dt0 is None:
+        raise ValueError(f"NeuralODE(solver={solver!r}) is fixed-step: give dt0=...")
+    if not (isinstance(max_steps, int) and max_steps > 0):
+        raise ValueError(f"NeuralODE(max_steps={max_steps!r}): must be a positive integer.")
+    for field, tol in (("rtol", rtol), ("atol", atol)):
+        if not tol > 0:
+            raise ValueError(f"NeuralODE({field}={tol!r}): must be positive.")

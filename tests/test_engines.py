@@ -24,6 +24,8 @@ def test_configs_are_frozen_printable_and_comparable() -> None:
         (probdyn.NUTS, "num_warmpu", "num_warmup"),
         (probdyn.HMC, "stepsize", "step_size"),
         (probdyn.VI, "num_step", "num_steps"),
+        (probdyn.Ensemble, "num_member", "num_members"),
+        (probdyn.SMC, "num_particle", "num_particles"),
     ],
 )
 def test_unknown_option_suggests_the_right_name(engine, bad: str, suggestion: str) -> None:
@@ -43,8 +45,32 @@ def test_unknown_option_suggests_the_right_name(engine, bad: str, suggestion: st
         (lambda: probdyn.VI(guide="delta"), "guide"),
         (lambda: probdyn.VI(learning_rate=0), "learning_rate"),
         (lambda: probdyn.VI(final_learning_rate_fraction=2.0), "final_learning_rate_fraction"),
+        (lambda: probdyn.Ensemble(num_members=0), "num_members"),
+        (lambda: probdyn.Ensemble(optimizer="lbfgs"), "optimizer"),
+        (lambda: probdyn.Ensemble(init_scale=-0.1), "init_scale"),
+        (lambda: probdyn.Ensemble(anchored="yes"), "anchored"),
+        (lambda: probdyn.Ensemble(learning_rate=0.0), "learning_rate"),
+        (lambda: probdyn.SMC(num_particles=0), "num_particles"),
+        (lambda: probdyn.SMC(kernel="nuts"), "kernel"),
+        (lambda: probdyn.SMC(target_ess=1.0), "target_ess"),
+        (lambda: probdyn.SMC(temperatures="linear"), "temperatures"),
+        (lambda: probdyn.SMC(temperatures=[0.5, 0.2, 1.0]), "increase strictly"),
+        (lambda: probdyn.SMC(temperatures=[0.5, 0.9]), "end at 1.0"),
+        (lambda: probdyn.SMC(temperatures=[0.0, 1.0]), "start"),
+        (lambda: probdyn.SMC(temperatures=3), "sequence"),
+        (lambda: probdyn.SMC(stream="online"), "stream"),
+        (lambda: probdyn.SMC(stream="minibatch"), "batch_size"),
+        (lambda: probdyn.SMC(batch_size=0, stream="minibatch"), "batch_size"),
     ],
 )
 def test_bad_values_name_the_field(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_smc_temperature_sequence_is_stored_as_a_tuple() -> None:
+    # A list would make the frozen config unhashable and print differently.
+    cfg = probdyn.SMC(temperatures=[0.1, 0.5, 1.0])
+    assert cfg.temperatures == (0.1, 0.5, 1.0)
+    assert hash(cfg) == hash(probdyn.SMC(temperatures=(0.1, 0.5, 1.0)))
+    assert probdyn.SMC().temperatures == "adaptive"

@@ -23,6 +23,8 @@ import numpy as np
 import numpyro
 from jaxtyping import Array, ArrayLike
 
+from probdyn._validate import check_ode_args
+
 __all__ = ["ADJOINTS", "SOLVERS", "NeuralODE", "failed_solves", "reset_failed_solves"]
 
 # One vocabulary for both backends: name -> (diffrax solver, adaptive?). The torch
@@ -189,21 +191,18 @@ class NeuralODE:
         dt0: float | None = None,
         name: str = "ode",
     ) -> None:
-        if not callable(vector_field):
-            raise TypeError(
-                f"NeuralODE(vector_field={vector_field!r}): expected a callable f(t, z, args)."
-            )
-        if solver not in SOLVERS:
-            raise ValueError(f"NeuralODE(solver={solver!r}): choose one of {sorted(SOLVERS)}.")
-        if adjoint not in ADJOINTS:
-            raise ValueError(f"NeuralODE(adjoint={adjoint!r}): choose one of {sorted(ADJOINTS)}.")
-        if not SOLVERS[solver][1] and dt0 is None:
-            raise ValueError(f"NeuralODE(solver={solver!r}) is fixed-step: give dt0=...")
-        if not (isinstance(max_steps, int) and max_steps > 0):
-            raise ValueError(f"NeuralODE(max_steps={max_steps!r}): must be a positive integer.")
-        for field, tol in (("rtol", rtol), ("atol", atol)):
-            if not tol > 0:
-                raise ValueError(f"NeuralODE({field}={tol!r}): must be positive.")
+        check_ode_args(
+            vector_field,
+            solver,
+            adjoint,
+            SOLVERS,
+            ADJOINTS,
+            adaptive=solver in SOLVERS and SOLVERS[solver][1],
+            dt0=dt0,
+            max_steps=max_steps,
+            rtol=rtol,
+            atol=atol,
+        )
         self.vector_field = vector_field
         self.solver = solver
         self.rtol, self.atol = rtol, atol

@@ -25,7 +25,8 @@ def _substituted(
         if msg["type"] == "sample" and not msg["is_observed"]:
             return draw.get(msg["name"])
         if msg["type"] == "param":
-            return params.get(msg["name"])
+            # Per-draw param values (ensemble members) take precedence over shared ones.
+            return draw[msg["name"]] if msg["name"] in draw else params.get(msg["name"])
         return None
 
     return handlers.substitute(model, substitute_fn=value_of)

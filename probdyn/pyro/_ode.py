@@ -30,6 +30,8 @@ from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _ButcherTableau
 
+from probdyn._validate import check_ode_args
+
 __all__ = ["ADJOINTS", "SOLVERS", "NeuralODE", "failed_solves", "reset_failed_solves"]
 
 
@@ -354,32 +356,29 @@ class NeuralODE:
         dt0: float | None = None,
         name: str = "ode",
     ) -> None:
-        if not callable(vector_field):
-            raise TypeError(
-                f"NeuralODE(vector_field={vector_field!r}): expected a callable f(t, z, args)."
-            )
-        if solver not in SOLVERS:
-            raise ValueError(f"NeuralODE(solver={solver!r}): choose one of {sorted(SOLVERS)}.")
+        check_ode_args(
+            vector_field,
+            solver,
+            adjoint,
+            SOLVERS,
+            ADJOINTS,
+            adaptive=solver in SOLVERS and SOLVERS[solver].adaptive,
+            dt0=dt0,
+            max_steps=max_steps,
+            rtol=rtol,
+            atol=atol,
+        )
         if SOLVERS[solver].torchdiffeq is None:
             raise ValueError(
                 f"NeuralODE(solver={solver!r}): the Pyro backend (torchdiffeq) has no "
                 f"{solver} solver. Nearest alternative: {SOLVERS[solver].instead}."
             )
-        if adjoint not in ADJOINTS:
-            raise ValueError(f"NeuralODE(adjoint={adjoint!r}): choose one of {sorted(ADJOINTS)}.")
         if ADJOINTS[adjoint] is None:
             raise ValueError(
                 f"NeuralODE(adjoint={adjoint!r}): the Pyro backend (torchdiffeq) cannot be "
                 "differentiated in forward mode. Use adjoint='recursive' (exact, the default) "
                 "or 'backsolve' (O(1) memory)."
             )
-        if not SOLVERS[solver].adaptive and dt0 is None:
-            raise ValueError(f"NeuralODE(solver={solver!r}) is fixed-step: give dt0=...")
-        if not (isinstance(max_steps, int) and max_steps > 0):
-            raise ValueError(f"NeuralODE(max_steps={max_steps!r}): must be a positive integer.")
-        for field, tol in (("rtol", rtol), ("atol", atol)):
-            if not tol > 0:
-                raise ValueError(f"NeuralODE({field}={tol!r}): must be positive.")
         self.vector_field = vector_field
         self.solver = solver
         self.rtol, self.atol = rtol, atol

@@ -80,10 +80,12 @@ def forward_draws(
     """
     args, kwargs = to_torch_args(args, kwargs)
     lead, draws = _flat_draws(samples, latent)
-    fixed = with_params(model, params)
     det_rows, ll_rows, pp_rows = [], [], []
     with isolated(seed), torch.no_grad():
         for draw in draws:
+            # Per-draw param values (ensemble members) take precedence over shared ones;
+            # substitute only touches param sites, so the latent values are harmless there.
+            fixed = with_params(model, {**params, **draw})
             tr = trace_model(poutine.condition(fixed, data=draw), args, kwargs)
             det_rows.append({n: s["value"] for n, s in tr.items() if is_deterministic(s)})
             obs = {n: s for n, s in observed_sites(tr).items() if n not in latent}
@@ -129,7 +131,8 @@ def predict(
     rows = []
     with isolated(seed), torch.no_grad():
         for draw in draws:
-            tr = trace_model(poutine.condition(uncondition()(model), data=draw), args, kwargs)
+            model_d = with_params(post.model, {**post.params, **draw})  # as in forward_draws
+            tr = trace_model(poutine.condition(uncondition()(model_d), data=draw), args, kwargs)
             if sites is not None:
                 rows.append({n: tr[n]["value"] for n in sites})
             else:

@@ -34,12 +34,14 @@ class ReferenceProblem:
         site: the latent site with the exact posterior.
         mean: exact posterior mean of ``site``.
         cov: exact posterior covariance (a scalar variance for scalar sites).
+        log_evidence: exact log marginal likelihood ``log p(y)`` of the data.
     """
 
     args: tuple[Any, ...]
     site: str
     mean: np.ndarray
     cov: np.ndarray
+    log_evidence: float = float("nan")
 
     @property
     def sd(self) -> np.ndarray:
@@ -97,11 +99,13 @@ def normal_data(
     y = np.random.default_rng(seed).normal(1.5, noise, n)
     precision = 1 / prior_scale**2 + n / noise**2
     mean = (prior_loc / prior_scale**2 + y.sum() / noise**2) / precision
+    marginal_cov = noise**2 * np.eye(n) + prior_scale**2 * np.ones((n, n))
     return ReferenceProblem(
         args=(y, prior_loc, prior_scale, noise),
         site="mu",
         mean=np.asarray(mean),
         cov=np.asarray(1 / precision),
+        log_evidence=_gaussian_logpdf(y, np.full(n, prior_loc), marginal_cov),
     )
 
 
@@ -151,7 +155,22 @@ def linear_regression_data(
     y = x @ w_true + rng.normal(0.0, noise, n)
     cov = np.linalg.inv(x.T @ x / noise**2 + np.eye(d) / prior_scale**2)
     mean = cov @ x.T @ y / noise**2
-    return ReferenceProblem(args=(x, y, prior_scale, noise), site="w", mean=mean, cov=cov)
+    marginal_cov = noise**2 * np.eye(n) + prior_scale**2 * x @ x.T
+    return ReferenceProblem(
+        args=(x, y, prior_scale, noise),
+        site="w",
+        mean=mean,
+        cov=cov,
+        log_evidence=_gaussian_logpdf(y, np.zeros(n), marginal_cov),
+    )
+
+
+def _gaussian_logpdf(y: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:
+    """``log N(y; mean, cov)``: the evidence of a linear-Gaussian model, exactly."""
+    chol = np.linalg.cholesky(cov)
+    white = np.linalg.solve(chol, y - mean)
+    logdet = 2 * np.log(np.diag(chol)).sum()
+    return float(-0.5 * (white @ white + logdet + len(y) * np.log(2 * np.pi)))
 
 
 REFERENCE_MODELS: dict[str, dict[str, Callable[..., None]]] = {
