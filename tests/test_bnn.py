@@ -71,6 +71,20 @@ def test_partial_bnn_last_layer_only() -> None:
     assert kinds["f.layers.0.weight"] == "param" and kinds["f.layers.1.bias"] == "param"
 
 
+def test_first_build_inside_a_jit_trace_does_not_leak_a_tracer() -> None:
+    # The template network is cached per (sizes, seed); if the cache kept arrays
+    # made while jit was tracing, every later build would hold a leaked tracer.
+    sizes = [3, 7, 5, 1]  # a shape no other test builds, so the cache starts empty
+
+    def partial_bnn() -> jax.Array:
+        net = BayesianMLP("leak", sizes, bayesian_layers=[-1])
+        return net(jnp.ones(3))
+
+    inside = jax.jit(lambda: handlers.seed(partial_bnn, 0)())()
+    outside = handlers.seed(partial_bnn, 0)()  # raised UnexpectedTracerError before
+    np.testing.assert_allclose(inside, outside, rtol=1e-12)
+
+
 @pytest.mark.parametrize("prior", [1.0, "normal", [dist.Normal(0, 1)]])
 def test_prior_that_is_not_a_distribution(prior: object) -> None:
     with pytest.raises(TypeError, match="prior"):

@@ -84,17 +84,53 @@ ENGINES = {
         ),
         {"normal": "none", "blr": "none"},
     ),
+    # Anchored (randomised-MAP) members of a linear-Gaussian model are exact,
+    # independent posterior draws; plain members all sit at the MAP (no sd claim).
+    "ensemble-anchored": (
+        probdyn.Ensemble(
+            num_members=400, num_steps=1500, learning_rate=0.05, anchored=True, progress_bar=False
+        ),
+        {"normal": "mean+sd", "blr": "mean+sd"},
+    ),
+    "ensemble": (
+        probdyn.Ensemble(num_members=20, num_steps=1500, learning_rate=0.05, progress_bar=False),
+        {"normal": "none", "blr": "none"},
+    ),
+    "smc": (
+        probdyn.SMC(num_particles=1000, num_mcmc_steps=5, progress_bar=False),
+        {"normal": "mean+sd", "blr": "mean+sd"},
+    ),
+    # Feynman-Kac streaming SMC targets the jittered (random-walk) model, not the
+    # static posterior; its exactness against a Kalman filter is in test_fksmc.py.
+    "smc-minibatch": (
+        probdyn.SMC(
+            num_particles=500, stream="minibatch", batch_size=5, num_epochs=2, progress_bar=False
+        ),
+        {"normal": "none", "blr": "none"},
+    ),
 }
 # name -> (reference model name, data, event shapes of the latent sites).
 PROBLEMS = {
     "normal": ("normal", normal_data, {"mu": ()}),
     "blr": ("linear_regression", linear_regression_data, {"w": (3,)}),
 }
-# Pairs that cannot work: the fit raises this error on every backend.
-UNSUPPORTED = {
-    ("vi-flow", "normal"): (ValueError, "a flow guide needs >= 2 latent dimensions"),
-}
 BACKENDS = ("numpyro", "pyro")
+# Cases that cannot work, (engine, problem, backend) with "*" for any: the fit
+# raises this error, and the case is a strict expected failure.
+UNSUPPORTED = {
+    ("vi-flow", "normal", "*"): (ValueError, "a flow guide needs >= 2 latent dimensions"),
+    ("smc-minibatch", "*", "pyro"): (
+        NotImplementedError,
+        "Feynman-Kac streaming SMC exists on the NumPyro backend only",
+    ),
+}
+
+
+def _unsupported(engine_name: str, problem_name: str, backend: str) -> tuple | None:
+    for (e, p, b), why in UNSUPPORTED.items():
+        if e == engine_name and p in (problem_name, "*") and b in (backend, "*"):
+            return why
+    return None
 
 
 def _cases() -> list:
@@ -103,8 +139,9 @@ def _cases() -> list:
         for problem_name in sorted(PROBLEMS):
             for backend in BACKENDS:
                 marks = []
-                if (engine_name, problem_name) in UNSUPPORTED:
-                    error, reason = UNSUPPORTED[engine_name, problem_name]
+                why = _unsupported(engine_name, problem_name, backend)
+                if why is not None:
+                    error, reason = why
                     marks.append(pytest.mark.xfail(raises=error, reason=reason, strict=True))
                 cases.append(pytest.param(engine_name, problem_name, backend, marks=marks))
     return cases
@@ -134,7 +171,11 @@ def test_layout_arviz_finite(engine_name: str, problem_name: str, backend: str) 
     post = _fit(engine_name, problem_name, backend, 0)
     engine, _ = ENGINES[engine_name]
     chains = getattr(engine, "num_chains", 1)
-    draws = getattr(engine, "num_samples", None) or engine.num_draws
+    draws = next(
+        getattr(engine, f)
+        for f in ("num_samples", "num_draws", "num_members", "num_particles")
+        if hasattr(engine, f)
+    )
     check_layout(post, PROBLEMS[problem_name][2], num_chains=chains, num_draws=draws)
     check_finite(post)
     check_arviz(post)
@@ -148,21 +189,38 @@ def test_accuracy_against_exact_posterior(
     engine_name: str, problem_name: str, backend: str
 ) -> None:
     what = ENGINES[engine_name][1][problem_name]
-    if what == "none" and (engine_name, problem_name) not in UNSUPPORTED:
+    if what == "none" and _unsupported(engine_name, problem_name, backend) is None:
         pytest.skip(f"{engine_name}: no accuracy claim on {problem_name} (see ENGINES)")
     post = _fit(engine_name, problem_name, backend, 0)
     problem = PROBLEMS[problem_name][1]()
     check_accuracy(post, problem.site, *problem.exact, check_sd=(what == "mean+sd"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("engine_name", sorted(ENGINES))
+def _repro_cases() -> list:
+    cases = []
+    for engine_name in sorted(ENGINES):
+        for backend in BACKENDS:
+            why = _unsupported(engine_name, _repro_problem(engine_name), backend)
+            marks = (
+                []
+                if why is None
+                else [pytest.mark.xfail(raises=why[0], reason=why[1], strict=True)]
+            )
+            cases.append(pytest.param(engine_name, backend, marks=marks))
+    return cases
+
+
+def _repro_problem(engine_name: str) -> str:
+    return "blr" if engine_name == "vi-flow" else "normal"
+
+
+@pytest.mark.parametrize("engine_name, backend", _repro_cases())
 def test_same_key_same_draws(engine_name: str, backend: str) -> None:
     # Three runs: key 0 twice (two real runs, so bit-for-bit equality is checked
     # between them) and key 1. Reproducibility does not depend on run length; the
     # cost does: a NumPyro run is mostly compilation, so it reuses the cached
     # full-size fit, while a Pyro run is mostly sampling, so it runs a short version.
-    problem = "blr" if engine_name == "vi-flow" else "normal"
+    problem = _repro_problem(engine_name)
     if backend == "numpyro":
         runs = iter(
             [
@@ -187,4 +245,8 @@ def _run(engine: probdyn.AbstractEngine, problem: str, backend: str, key: int) -
 def _short(engine: probdyn.AbstractEngine) -> probdyn.AbstractEngine:
     if isinstance(engine, probdyn.VI):
         return dataclasses.replace(engine, num_steps=200, num_draws=100)
+    if isinstance(engine, probdyn.Ensemble):
+        return dataclasses.replace(engine, num_members=8, num_steps=100)
+    if isinstance(engine, probdyn.SMC):
+        return dataclasses.replace(engine, num_particles=100, num_mcmc_steps=2)
     return dataclasses.replace(engine, num_warmup=50, num_samples=50)

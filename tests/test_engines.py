@@ -59,6 +59,7 @@ def test_unknown_option_suggests_the_right_name(engine, bad: str, suggestion: st
         (lambda: probdyn.SMC(temperatures=[0.0, 1.0]), "start"),
         (lambda: probdyn.SMC(temperatures=3), "sequence"),
         (lambda: probdyn.SMC(stream="online"), "stream"),
+        (lambda: probdyn.SMC(jitter=0.0), "jitter"),
         (lambda: probdyn.SMC(stream="minibatch"), "batch_size"),
         (lambda: probdyn.SMC(batch_size=0, stream="minibatch"), "batch_size"),
     ],

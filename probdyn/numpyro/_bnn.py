@@ -167,25 +167,24 @@ def lift(
 
 
 @functools.lru_cache(maxsize=64)
-def _init_layers(sizes: tuple[int, ...], seed: int) -> tuple[Linear, ...]:
+def _init_layers(sizes: tuple[int, ...], seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     # Deterministic layers start at a Glorot-style scale; Bayesian ones are
     # overwritten by their sample sites, so their initial values do not matter.
     # NumPy, not jax.random, and cached: a model runs this on every trace, and
     # eager jax.random calls compile small programs each time (measured: +2-3 s
-    # of compile per fit of a [1, 50, 1] BNN). Arrays are immutable, so sharing
-    # them between runs is safe.
+    # of compile per fit of a [1, 50, 1] BNN). The cache holds NumPy arrays, not
+    # jax ones: a jnp.asarray made while a jit/scan is tracing can be a tracer,
+    # and a cached tracer would leak into every later trace.
     rng = np.random.default_rng(seed)
     return tuple(
-        Linear(
-            jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)),
-            jnp.asarray(np.zeros(n_out)),
-        )
+        (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), np.zeros(n_out))
         for n_in, n_out in zip(sizes[:-1], sizes[1:])
     )
 
 
 def _init_mlp(sizes: Sequence[int], activation: Callable[[Array], Array], seed: int) -> MLP:
-    return MLP(_init_layers(tuple(sizes), seed), activation)
+    layers = _init_layers(tuple(sizes), seed)
+    return MLP(tuple(Linear(jnp.asarray(w), jnp.asarray(b)) for w, b in layers), activation)
 
 
 def BayesianMLP(

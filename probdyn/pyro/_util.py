@@ -225,7 +225,22 @@ def with_params(model: Callable[..., Any], params: dict[str, Any]) -> Callable[.
     if not params:
         return model
     # as_tensor keeps the dtype the values were fitted in (also after save/load).
-    return poutine.substitute(model, data={k: torch.as_tensor(v) for k, v in params.items()})
+    return _SubstituteParams({k: torch.as_tensor(v) for k, v in params.items()})(model)
+
+
+class _SubstituteParams(Messenger):
+    """``poutine.substitute`` for param sites, silent about names that are not param
+    sites: a draw of an ensemble holds latent sites and per-member params side by
+    side, and Pyro's own substitute warns about the latent names."""
+
+    def __init__(self, data: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.data = data
+
+    def _pyro_param(self, msg: Any) -> None:
+        name = pyro.params.user_param_name(msg["name"])  # as poutine.substitute does
+        if name in self.data:
+            msg["value"] = self.data[name]
 
 
 class uncondition(Messenger):

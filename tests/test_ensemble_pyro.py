@@ -1,0 +1,163 @@
+"""The Pyro Ensemble runner (probdyn/pyro/_ensemble.py).
+
+Accuracy: anchored members of Bayesian linear regression are independent exact
+posterior draws, so their mean and sd must match the analytic posterior within
+4 Monte-Carlo standard errors (`check_accuracy`: MCSE of the mean is sd/sqrt(K)
+for independent draws, of the sd exact/sqrt(2K); a correct engine fails one of the
+six scalar checks with probability about 4e-4). Plain members of a model with one
+mode all converge to that mode, the MAP, which for a Gaussian posterior is the
+posterior mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import probdyn
+from probdyn.pyro import BayesianMLP
+from probdyn.testing import (
+    check_accuracy,
+    check_arviz,
+    check_finite,
+    check_layout,
+    check_reproducible,
+    linear_regression_data,
+    normal_data,
+    reference_model,
+)
+
+BLR = reference_model("linear_regression", "pyro")
+NORMAL = reference_model("normal", "pyro")
+# 600 Adam steps from 0.2 down to 0.002 reach these optima to ~1e-6 (the MCSE of the
+# accuracy check below is ~5e-3).
+PLAIN = probdyn.Ensemble(
+    num_members=8,
+    num_steps=600,
+    learning_rate=0.2,
+    final_learning_rate_fraction=0.01,
+    progress_bar=False,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_float64_one_thread() -> Iterator[None]:
+    # float64 for accuracy; one intra-op thread (tiny models on a shared machine).
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+def _fit(model: Any, args: tuple[Any, ...], engine: probdyn.Ensemble, key: Any = 0) -> Any:
+    return probdyn.fit(model, *args, engine=engine, key=key, backend="pyro")
+
+
+def test_anchored_members_are_exact_posterior_draws() -> None:
+    problem = linear_regression_data()
+    engine = dataclasses.replace(PLAIN, num_members=200, anchored=True)
+    post = _fit(BLR, problem.args, engine)
+    assert post.attrs["batched"] is True
+    check_accuracy(post, "w", *problem.exact)
+
+
+def test_plain_members_all_reach_the_map_and_layout() -> None:
+    problem = linear_regression_data()
+    post = _fit(BLR, problem.args, PLAIN)
+    members = post.samples["w"][0]
+    # Gaussian posterior: MAP = posterior mean; Adam's end-of-run error is ~1e-10 here.
+    np.testing.assert_allclose(members, np.broadcast_to(problem.mean, members.shape), atol=1e-6)
+    check_layout(post, {"w": (3,)}, num_chains=1, num_draws=8)
+    check_finite(post)
+    check_arviz(post)
+    assert post.traces["loss"].shape == (8, 600)
+    assert post.sample_stats["lp"].shape == (1, 8)
+    # lp is the final log joint: minus the last loss (plain members are not anchored).
+    np.testing.assert_allclose(post.sample_stats["lp"][0], -post.traces["loss"][:, -1], atol=1e-6)
+    assert np.all(post.traces["loss"][:, -1] <= post.traces["loss"][:, 0])
+    assert post.attrs["engine"]["engine"] == "Ensemble"
+    assert post.attrs["wall_time"] > 0
+
+
+def test_same_key_same_members_and_global_rng_untouched() -> None:
+    problem = normal_data()
+    engine = dataclasses.replace(PLAIN, num_steps=100)
+    before = torch.get_rng_state()
+    check_reproducible(lambda key: _fit(NORMAL, problem.args, engine, key))
+    post = _fit(NORMAL, problem.args, engine, torch.Generator().manual_seed(3))
+    post.predict(problem.args[0], key=2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def _normal_unbatchable(
+    y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0, noise: float = 1.0
+) -> None:
+    # The same model as NORMAL, but `.item()` cannot run under torch.func.vmap.
+    y = torch.as_tensor(y)
+    mu = pyro.sample("mu", dist.Normal(prior_loc, prior_scale))
+    if not np.isfinite(mu.item()):
+        raise ValueError("mu must be finite")
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, noise), obs=y)
+
+
+def test_loop_fallback_matches_the_batched_run() -> None:
+    problem = normal_data()
+    engine = probdyn.Ensemble(
+        num_members=6, num_steps=200, learning_rate=0.05, anchored=True, progress_bar=False
+    )
+    batched = _fit(NORMAL, problem.args, engine)
+    looped = _fit(_normal_unbatchable, problem.args, engine)
+    assert batched.attrs["batched"] is True and looped.attrs["batched"] is False
+    np.testing.assert_allclose(looped.samples["mu"], batched.samples["mu"], rtol=1e-10)
+    np.testing.assert_allclose(looped.traces["loss"], batched.traces["loss"], rtol=1e-10)
+
+
+def _poisson_model(x: Any, y: Any) -> None:
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("counts", dist.Poisson(torch.exp(a * x)), obs=y)
+
+
+def test_anchored_warns_about_non_gaussian_observations() -> None:
+    x = np.linspace(0.0, 1.0, 10)
+    y = np.random.default_rng(0).poisson(np.exp(0.5 * x)).astype(float)
+    engine = dataclasses.replace(PLAIN, num_steps=50, anchored=True)
+    with pytest.warns(UserWarning, match=r"\['counts'\] are not Gaussian"):
+        post = _fit(_poisson_model, (x, y), engine)
+    check_finite(post)
+
+
+def _partial_bnn(x: Any, y: Any = None) -> None:
+    x = torch.as_tensor(x)
+    net = BayesianMLP("f", [1, 8, 1], bayesian_layers=[-1])  # layer 0: param sites
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(net(x).squeeze(-1), 0.1), obs=None if y is None else y)
+
+
+def test_bayesian_mlp_members_have_their_own_params() -> None:
+    rng = np.random.default_rng(0)
+    x = np.linspace(-2.0, 2.0, 30)[:, None]
+    y = np.sin(2 * x[:, 0]) + 0.1 * rng.normal(size=30)
+    engine = probdyn.Ensemble(num_members=5, num_steps=300, learning_rate=0.02, progress_bar=False)
+    post = _fit(_partial_bnn, (x, y), engine)
+    assert post.attrs["batched"] is True
+    shapes = {"f.layers.0.weight": (1, 8), "f.layers.0.bias": (8,), "f.layers.1.weight": (8, 1)}
+    check_layout(post, shapes, num_chains=1, num_draws=5)
+    check_finite(post)
+    assert post.params == {}  # per-member params are draws, not shared values
+    assert "f.layers.0.weight" in post.attrs["latent_sites"]
+    first = post.samples["f.layers.0.weight"][0]
+    assert not np.allclose(first[0], first[1])  # members start and end apart
+    assert np.all(post.traces["loss"][:, -1] < post.traces["loss"][:, 0])
+    assert post.predict(x[:4], key=0)["y"].shape == (1, 5, 4)

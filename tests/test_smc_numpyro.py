@@ -1,0 +1,298 @@
+"""Tempered SMC on the NumPyro backend: evidence, accuracy, multimodality, options.
+
+Repeated runs (to measure Monte-Carlo error) call `sample_smc`, the part of the
+runner that produces the particles and the evidence; `probdyn.fit` adds only the
+`Posterior`'s post-processing to it. Every run with the same model, data and engine
+reuses one compiled program, so a repeat costs the sampling alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from scipy import integrate, stats
+
+import probdyn
+from probdyn import _smc_math
+from probdyn.numpyro import BayesianMLP
+from probdyn.numpyro._smc import sample_smc
+from probdyn.testing import (
+    check_accuracy,
+    check_arviz,
+    check_finite,
+    check_layout,
+    check_reproducible,
+    linear_regression_data,
+    linear_regression_model,
+    normal_data,
+    normal_model,
+)
+
+ENGINE = probdyn.SMC(num_particles=1000, progress_bar=False)
+REPEATS = 10  # independent runs (keys 0..9) per Monte-Carlo error estimate
+PROBLEMS = {
+    "normal": (normal_model, normal_data),
+    "blr": (linear_regression_model, linear_regression_data),
+}
+
+
+def bimodal_model(y: float) -> None:
+    """``z ~ N(0.5, 2)``, ``y ~ N(z**2, 0.2)``: for y = 4, modes near z = +-2 whose
+    weights differ through the asymmetric prior."""
+    z = numpyro.sample("z", dist.Normal(0.5, 2.0))
+    numpyro.sample("y", dist.Normal(z**2, 0.2), obs=y)
+
+
+def capped_scale_model(y: np.ndarray) -> None:
+    """``s ~ Gamma(2, 1)`` capped at 2.5 by a factor that is -inf above; ``y_i ~ N(0, s)``.
+
+    ``s`` is positive, so it is sampled through the exp transform (its Jacobian
+    enters the prior part); 29 % of the prior draws have log likelihood -inf.
+    """
+    s = numpyro.sample("s", dist.Gamma(2.0, 1.0))
+    numpyro.factor("cap", jnp.where(s < 2.5, 0.0, -jnp.inf))
+    numpyro.deterministic("s2", s**2)
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+
+
+def _run(problem: str, key: int, engine: probdyn.SMC = ENGINE) -> probdyn.Posterior:
+    model, data = PROBLEMS[problem]
+    return probdyn.fit(model, *data().args, engine=engine, key=key)
+
+
+@functools.cache
+def _fit(problem: str, key: int) -> probdyn.Posterior:
+    return _run(problem, key)
+
+
+def _repeat(model: Callable[..., None], args: tuple, stat: Callable) -> np.ndarray:
+    return np.array([stat(sample_smc(model, args, {}, ENGINE, key)) for key in range(REPEATS)])
+
+
+def _check_step_rule(post: probdyn.Posterior, kernel: str, dim: int) -> None:
+    """The step sizes follow the rule and constants of probdyn/_smc_math.py, which the
+    Pyro runner uses too: the first from `initial_step_size`, each next one from the
+    previous stage's acceptance rate by `adapt_step_size` with `step_adapt_gain`."""
+    steps, rates = post.traces["step_size"], post.traces["acceptance_rate"]
+    assert steps[0] == pytest.approx(_smc_math.initial_step_size(kernel, dim), rel=1e-12)
+    target = _smc_math.target_acceptance(kernel, dim)
+    gain = _smc_math.step_adapt_gain(kernel)
+    expected = [_smc_math.adapt_step_size(h, a, target, gain=gain) for h, a in zip(steps, rates)]
+    np.testing.assert_allclose(steps[1:], expected[:-1], rtol=1e-10)
+
+
+def _log_evidence_within_mcse(estimates: np.ndarray, exact: float) -> None:
+    # Error model: REPEATS independent runs give estimates with sample sd s; their
+    # mean has MCSE s / sqrt(REPEATS), and (mean - exact) / MCSE is t-distributed
+    # with 9 degrees of freedom: |t| > 4 has probability 0.3 %. SMC's estimate of
+    # Z is unbiased; log Z-hat is biased low by var(log Z-hat) / 2 (delta method),
+    # which we add back: here s is 0.05-0.1, so the correction is ~0.1 MCSE.
+    s = estimates.std(ddof=1)
+    mcse = s / np.sqrt(len(estimates))
+    error = abs(estimates.mean() + s**2 / 2 - exact)
+    assert error <= 4 * mcse, (estimates, exact, mcse)
+    # Not a vacuous pass through a huge MCSE: 1000 particles pin log Z to a few tenths.
+    assert s < 0.3, s
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_log_evidence_matches_exact(problem: str) -> None:
+    model, data = PROBLEMS[problem]
+    exact = data().log_evidence
+    _log_evidence_within_mcse(_repeat(model, data().args, lambda r: r.log_evidence), exact)
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_posterior_matches_exact(problem: str) -> None:
+    # The particles are resampled and then moved at temperature 1, so they are an
+    # unweighted sample and are treated as (nearly) i.i.d. draws of one chain;
+    # ArviZ's MCSE in check_accuracy also absorbs the residual correlation between
+    # neighbouring particles that share an ancestor after systematic resampling.
+    post = _fit(problem, 0)
+    data = PROBLEMS[problem][1]()
+    check_accuracy(post, data.site, *data.exact)
+    np.testing.assert_allclose(post.sample_stats["log_weight"], -np.log(1000), rtol=1e-12)
+
+
+def test_layout_traces_and_reproducibility() -> None:
+    post = _fit("normal", 0)
+    check_layout(post, {"mu": ()}, num_chains=1, num_draws=1000)
+    check_finite(post)
+    check_arviz(post)
+    temps = post.traces["temperature"]
+    assert temps[0] == 0.0 and temps[-1] == 1.0 and np.all(np.diff(temps) > 0)
+    assert post.attrs["num_stages"] == len(temps) - 1 >= 1
+    for name in ("acceptance_rate", "step_size", "ess", "log_evidence"):
+        assert post.traces[name].shape == temps.shape, name
+    assert post.log_evidence == post.traces["log_evidence"][-1]
+    assert np.all(post.traces["acceptance_rate"] > 0.1)  # the moves do move
+    _check_step_rule(post, "hmc", 1)
+    runs = iter([post, _run("normal", 0), _fit("normal", 1)])
+    check_reproducible(lambda key: next(runs))
+
+
+def _exact_mode_weight(y: float = 4.0) -> float:
+    def density(z: float) -> float:
+        return float(stats.norm.pdf(z, 0.5, 2.0) * stats.norm.pdf(y, z**2, 0.2))
+
+    plus = integrate.quad(density, 0.0, 10.0, points=[2.0], epsabs=0.0, epsrel=1e-10)[0]
+    minus = integrate.quad(density, -10.0, 0.0, points=[-2.0], epsabs=0.0, epsrel=1e-10)[0]
+    return plus / (plus + minus)
+
+
+def test_bimodal_target_smc_weights_both_modes_nuts_stays_in_one() -> None:
+    exact = _exact_mode_weight()  # P(z > 0 | y) = 0.622
+    fractions = _repeat(bimodal_model, (4.0,), lambda r: np.mean(r.draws["z"] > 0))
+    # Both modes hold a substantial share in every run (exact shares 0.62 / 0.38).
+    assert np.all((fractions > 0.2) & (fractions < 0.8)), fractions
+    # Error model: the binomial sd sqrt(p (1 - p) / N) = 0.015 understates SMC's
+    # error for a mode's share: once the modes separate (no move crosses between
+    # them), each reweighting adds about one binomial variance more, measured 2.3x
+    # the binomial sd over 16 keys. So the MCSE comes from repeated runs instead,
+    # sd / sqrt(REPEATS), with the t(9) false-failure rate of 0.3 % at 4 MCSE.
+    mcse = fractions.std(ddof=1) / np.sqrt(REPEATS)
+    assert abs(fractions.mean() - exact) <= 4 * mcse, (fractions, exact, mcse)
+
+    nuts = probdyn.NUTS(num_warmup=200, num_samples=200, progress_bar=False)
+    post = probdyn.fit(bimodal_model, 4.0, engine=nuts, key=0)
+    share = float(np.mean(post.samples["z"] > 0))
+    assert min(share, 1.0 - share) <= 0.01, share  # one chain, one mode
+
+
+def test_constrained_site_and_minus_infinity_likelihood() -> None:
+    y = np.array([0.3, -1.2, 2.0, 0.5, -0.7])
+
+    def joint(s: float) -> float:  # exact posterior and evidence by 1-D quadrature
+        return float(stats.gamma.pdf(s, 2.0) * np.prod(stats.norm.pdf(y, 0.0, s)))
+
+    def integral(f: Callable[[float], float]) -> float:
+        return integrate.quad(f, 0.0, 2.5, epsabs=0.0, epsrel=1e-12)[0]
+
+    evidence = integral(joint)
+    mean = integral(lambda s: s * joint(s)) / evidence
+    sd = np.sqrt(integral(lambda s: (s - mean) ** 2 * joint(s)) / evidence)
+    post = probdyn.fit(capped_scale_model, y, engine=ENGINE, key=0)
+    check_finite(post)
+    assert np.all((post.samples["s"] > 0) & (post.samples["s"] < 2.5))
+    np.testing.assert_allclose(post.samples["s2"], post.samples["s"] ** 2)
+    check_accuracy(post, "s", mean, sd)
+    estimates = _repeat(capped_scale_model, (y,), lambda r: r.log_evidence)
+    _log_evidence_within_mcse(estimates, np.log(evidence))
+
+
+@pytest.mark.parametrize(
+    "kernel, temperatures",
+    [("mala", "adaptive"), ("rw", (0.01, 0.03, 0.1, 0.2, 0.4, 0.7, 1.0))],
+)
+def test_mala_and_random_walk_kernels_and_a_given_schedule(
+    kernel: str, temperatures: str | tuple[float, ...]
+) -> None:
+    engine = probdyn.SMC(
+        num_particles=1000, kernel=kernel, temperatures=temperatures, progress_bar=False
+    )
+    post = _run("normal", 0, engine)
+    data = normal_data()
+    check_accuracy(post, "mu", *data.exact)
+    check_finite(post)
+    if not isinstance(temperatures, str):
+        np.testing.assert_array_equal(post.traces["temperature"], (0.0, *temperatures))
+    # Moves near the kernels' target acceptance (0.574 MALA, 0.44 one-dimensional RW).
+    assert np.all((post.traces["acceptance_rate"] > 0.2) & (post.traces["acceptance_rate"] < 0.95))
+    assert np.isfinite(post.log_evidence)
+    _check_step_rule(post, kernel, 1)
+
+
+def test_param_sites_are_refused_with_a_pointer_to_minibatch() -> None:
+    def model(y: np.ndarray) -> None:
+        shift = numpyro.param("shift", 0.0)
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu + shift, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"param sites \['shift'\].*stream='minibatch'"):
+        probdyn.fit(model, np.zeros(3), engine=ENGINE, key=0)
+
+
+def test_stage_limit_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_smc_math, "MAX_STAGES", 2)  # the limit both backends read
+    with pytest.raises(RuntimeError, match="after 2 stages"):
+        sample_smc(normal_model, normal_data().args, {}, ENGINE, 0)
+
+
+def bnn_model(x: np.ndarray, y: np.ndarray) -> None:
+    net = BayesianMLP("f", [1, 8, 1])
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", dist.Normal(net(x[:, None])[:, 0], 0.1), obs=y)
+
+
+def test_bayesian_mlp_runs() -> None:
+    x = np.linspace(-1.0, 1.0, 16)
+    engine = probdyn.SMC(num_particles=200, num_mcmc_steps=5, progress_bar=False)
+    post = probdyn.fit(bnn_model, x, np.sin(3 * x), engine=engine, key=0)
+    shapes = {"f.layers.0.weight": (1, 8), "f.layers.0.bias": (8,), "f.layers.1.weight": (8, 1)}
+    check_layout(post, shapes, num_chains=1, num_draws=200)
+    check_finite(post)
+    assert post.traces["temperature"][-1] == 1.0 and np.isfinite(post.log_evidence)
+    # The fit learned the curve: prior draws miss sin(3x) (sd 0.7) by about 1 on average;
+    # a posterior predictive mean within 3 noise sd (0.3) of it has learned the data.
+    residual = post.posterior_predictive["y"].mean(axis=(0, 1)) - np.sin(3 * x)
+    assert np.sqrt(np.mean(residual**2)) < 0.3
+
+
+_SHARDED_SMC = """
+import json, sys
+import jax
+import numpy as np
+import probdyn
+from probdyn.testing import linear_regression_data, reference_model
+
+problem = linear_regression_data()
+model = reference_model("linear_regression", "numpyro")
+engine = probdyn.SMC(num_particles=400, num_mcmc_steps=3, progress_bar=False)
+post = probdyn.fit(model, *problem.args, engine=engine, key=0)
+np.save(sys.argv[1], post.samples["w"])
+print(json.dumps({
+    "device_count": jax.device_count(),
+    "num_devices": post.attrs["num_devices"],
+    "log_evidence": post.log_evidence,
+    "temperature": post.traces["temperature"].tolist(),
+}))
+"""
+
+
+def test_sharded_particles_match_single_device(tmp_path: Path) -> None:
+    # The same fit with the particle axis split over 4 (forced CPU) devices.
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
+    env["JAX_ENABLE_X64"] = "1"
+    out = tmp_path / "w.npy"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SMC, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["device_count"] == 4 and report["num_devices"] == 4
+    problem = linear_regression_data()
+    engine = probdyn.SMC(num_particles=400, num_mcmc_steps=3, progress_bar=False)
+    single = probdyn.fit(linear_regression_model, *problem.args, engine=engine, key=0)
+    assert single.attrs["num_devices"] == 1
+    np.testing.assert_allclose(report["temperature"], single.traces["temperature"], atol=1e-10)
+    np.testing.assert_allclose(report["log_evidence"], single.log_evidence, atol=1e-10)
+    np.testing.assert_allclose(np.load(out), single.samples["w"], rtol=0, atol=1e-10)
