@@ -190,9 +190,12 @@ def run_numpyro_hand(x: np.ndarray, y: np.ndarray, s: Settings) -> Result:
     key = jax.random.PRNGKey(SEED)
     constrain = lambda u: {**u, "sigma": jnp.exp(u["sigma"])}
     neg_log_joint = lambda u: -log_density(model, (x, y), {}, constrain(u))[0]
-    schedule = optax.exponential_decay(
-        engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction
-    )
+    lr, frac, n = engine.learning_rate, engine.final_learning_rate_fraction, engine.num_steps
+
+    def schedule(count: jax.Array) -> jax.Array:
+        # The exponential decay in the working precision (optax's decays in float32).
+        return lr * frac ** (jnp.asarray(count, jnp.result_type(float)) / n)
+
     optimizer = optax.adam(schedule)
 
     @jax.jit

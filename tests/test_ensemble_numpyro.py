@@ -7,10 +7,12 @@ is an exact, independent posterior draw, so K members are K i.i.d. draws.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_density
+from scipy import stats
 
 import probdyn
 from probdyn.numpyro import BayesianMLP
@@ -64,8 +67,6 @@ def anchored() -> dict[str, probdyn.Posterior]:
 
 @pytest.fixture(scope="module")
 def small() -> probdyn.Posterior:
-    import dataclasses
-
     return _fit("linear_regression", dataclasses.replace(SMALL, progress_bar=False))
 
 
@@ -283,3 +284,93 @@ def test_bad_models_raise() -> None:
         probdyn.fit(no_latents, np.ones(3), engine=engine, key=0)
     with pytest.raises(ValueError, match="'k' is discrete"):
         probdyn.fit(discrete, engine=engine, key=0)
+
+
+# -- Starts: prior medians down a hierarchy -----------------------------------------------
+
+HIERARCHY_Y = np.array([2.0, 2.5, 1.5])
+
+
+def _hierarchy(y: Any) -> None:
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    z = numpyro.sample("z", dist.Normal(mu, 1.0))
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+
+def _hierarchy_pyro(y: Any) -> None:
+    import pyro
+    import pyro.distributions as pdist
+    import torch
+
+    mu = pyro.sample("mu", pdist.Normal(0.0, 10.0))
+    z = pyro.sample("z", pdist.Normal(mu, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", pdist.Normal(z, 1.0), obs=torch.as_tensor(y))
+
+
+@pytest.fixture
+def torch_float64() -> Iterator[None]:
+    torch = pytest.importorskip("torch")
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("torch_float64")
+def test_hierarchical_start_is_the_median_down_the_model_for_every_key_and_backend() -> None:
+    # With init_scale=0 every member starts at the prior median, z's taken with mu at
+    # its median (mu = 0, so z = 0), not at a random prior draw of mu: the first loss
+    # is -log p(mu=0, z=0, y) for every key, and the path after it is deterministic
+    # (no subsampling), so a few plain steps end at one point for every key, on both
+    # backends (the same Adam formulas and float64 learning rate).
+    engine = probdyn.Ensemble(num_members=3, num_steps=5, init_scale=0.0, progress_bar=False)
+    start = -(
+        stats.norm.logpdf(0.0, 0.0, 10.0)
+        + stats.norm.logpdf(0.0, 0.0, 1.0)
+        + stats.norm.logpdf(HIERARCHY_Y, 0.0, 1.0).sum()
+    )
+    fits = [probdyn.fit(_hierarchy, HIERARCHY_Y, engine=engine, key=k) for k in (0, 1)]
+    pyro_fit = probdyn.fit(_hierarchy_pyro, HIERARCHY_Y, engine=engine, key=0, backend="pyro")
+    for post in [*fits, pyro_fit]:
+        np.testing.assert_allclose(post.traces["loss"][:, 0], start, rtol=1e-14)
+        assert np.ptp(post.samples["z"]) == 0.0 and np.ptp(post.samples["mu"]) == 0.0
+    assert fits[0].samples["z"][0, 0] > 0.01  # the steps moved towards the data
+    for site in ("mu", "z"):
+        np.testing.assert_array_equal(fits[1].samples[site], fits[0].samples[site])
+        # Float64 rounding differs between XLA and torch (measured 2e-18).
+        np.testing.assert_allclose(pyro_fit.samples[site], fits[0].samples[site], rtol=1e-12)
+    np.testing.assert_allclose(pyro_fit.traces["loss"], fits[0].traces["loss"], rtol=1e-12)
+
+
+# -- Blocks of steps -----------------------------------------------------------------------
+
+
+def test_blocks_run_exactly_num_steps() -> None:
+    # 73 steps run in ceil(73 / 50) = 2-step blocks, the last one with one step past
+    # the end that must change nothing. With a constant learning rate the path does
+    # not depend on num_steps, so a 74-step run passes through the 73-step run's end:
+    # its 74th loss (before its last step) is the 73-step run's final objective,
+    # -lp (plain members). Had the 73-step run taken a 74th step, it would not be.
+    base = probdyn.Ensemble(
+        num_members=4,
+        num_steps=73,
+        learning_rate=0.05,
+        final_learning_rate_fraction=1.0,
+        progress_bar=False,
+    )
+    post = _fit("normal", base)
+    longer = _fit("normal", dataclasses.replace(base, num_steps=74))
+    shown = _fit("normal", dataclasses.replace(base, progress_bar=True))
+    assert post.traces["loss"].shape == (4, 73)
+    np.testing.assert_array_equal(longer.traces["loss"][:, :73], post.traces["loss"])
+    np.testing.assert_allclose(
+        -post.sample_stats["lp"][0], longer.traces["loss"][:, 73], rtol=1e-13
+    )
+    assert not np.allclose(longer.traces["loss"][:, 73], longer.traces["loss"][:, 72], rtol=1e-13)
+    # The progress bar changes only how the blocks are reported.
+    np.testing.assert_array_equal(shown.samples["mu"], post.samples["mu"])
+    np.testing.assert_array_equal(shown.traces["loss"], post.traces["loss"])

@@ -20,9 +20,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from scipy import stats
 
 import probdyn
 from probdyn.pyro import BayesianMLP
+from probdyn.pyro._ensemble import _MemberOptimizer
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
@@ -161,3 +163,106 @@ def test_bayesian_mlp_members_have_their_own_params() -> None:
     assert not np.allclose(first[0], first[1])  # members start and end apart
     assert np.all(post.traces["loss"][:, -1] < post.traces["loss"][:, 0])
     assert post.predict(x[:4], key=0)["y"].shape == (1, 5, 4)
+
+
+# -- Starts: prior medians down a hierarchy -----------------------------------------------
+
+HIERARCHY_Y = np.array([2.0, 2.5, 1.5])
+
+
+def _hierarchy(y: Any) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    z = pyro.sample("z", dist.Normal(mu, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(z, 1.0), obs=torch.as_tensor(y))
+
+
+def _hierarchy_numpyro(y: Any) -> None:
+    import numpyro
+    import numpyro.distributions as ndist
+
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 10.0))
+    z = numpyro.sample("z", ndist.Normal(mu, 1.0))
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", ndist.Normal(z, 1.0), obs=y)
+
+
+def test_hierarchical_start_is_the_median_down_the_model_for_every_key_and_backend() -> None:
+    # init_scale=0: every member starts at the prior median, z's taken with mu at its
+    # median (0), so the first loss is -log p(mu=0, z=0, y) whatever the key, and a
+    # few deterministic plain steps end at one point for every key and on both
+    # backends (NumPyro runs in float64 here: tests/conftest.py enables x64).
+    engine = probdyn.Ensemble(num_members=3, num_steps=5, init_scale=0.0, progress_bar=False)
+    start = -(
+        stats.norm.logpdf(0.0, 0.0, 10.0)
+        + stats.norm.logpdf(0.0, 0.0, 1.0)
+        + stats.norm.logpdf(HIERARCHY_Y, 0.0, 1.0).sum()
+    )
+    fits = [_fit(_hierarchy, (HIERARCHY_Y,), engine, key) for key in (0, 1)]
+    jax_fit = probdyn.fit(_hierarchy_numpyro, HIERARCHY_Y, engine=engine, key=0)
+    for post in [*fits, jax_fit]:
+        np.testing.assert_allclose(post.traces["loss"][:, 0], start, rtol=1e-14)
+        assert np.ptp(post.samples["z"]) == 0.0 and np.ptp(post.samples["mu"]) == 0.0
+    assert fits[0].samples["z"][0, 0] > 0.01  # the steps moved towards the data
+    for site in ("mu", "z"):
+        np.testing.assert_array_equal(fits[1].samples[site], fits[0].samples[site])
+        # Float64 rounding differs between torch and XLA (measured 2e-18).
+        np.testing.assert_allclose(jax_fit.samples[site], fits[0].samples[site], rtol=1e-12)
+
+
+# -- Skipped steps: per-member optimiser state --------------------------------------------
+
+
+def _quadratic_grad(x: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``(x - b) A (x - b) / 2``, ``A`` positive definite."""
+    curvature = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 3.0]], dtype=x.dtype)
+    return (x - torch.tensor([1.0, -2.0, 0.5], dtype=x.dtype)) @ curvature
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_a_skipped_member_resumes_where_it_stopped(optimizer: str) -> None:
+    # Member 1's first 3 steps are skipped (NaN loss); from then on it must follow
+    # member 0's path 3 steps behind: its learning rate and Adam's bias correction
+    # count its own steps, as each member's optax state does in the NumPyro runner
+    # (a step counter shared by all members, as in torch.optim, breaks this).
+    engine = probdyn.Ensemble(
+        num_members=2, num_steps=20, learning_rate=0.1, optimizer=optimizer, progress_bar=False
+    )
+    flat = torch.zeros((2, 3))
+    opt = _MemberOptimizer(engine, flat)
+    path = [flat[0].clone()]
+    for step in range(engine.num_steps):
+        loss = torch.tensor([0.0, torch.nan if step < 3 else 0.0])
+        opt.step(flat, _quadratic_grad(flat), loss)
+        path.append(flat[0].clone())
+    assert torch.equal(flat[1], path[-4]) and not torch.equal(flat[1], flat[0])
+
+    # And the same path as the NumPyro runner's optax optimiser, step for step.
+    import jax.numpy as jnp
+    import optax
+
+    from probdyn.numpyro._ensemble import _optimizer
+
+    tx = _optimizer(engine)
+    x = jnp.zeros(3)
+    state = tx.init(x)
+    for step in range(engine.num_steps):
+        grad = jnp.asarray(_quadratic_grad(torch.tensor(np.asarray(x))).numpy())
+        updates, state = tx.update(grad, state, x)
+        x = optax.apply_updates(x, updates)
+        np.testing.assert_allclose(np.asarray(x), path[step + 1].numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_non_finite_members_are_kept_with_a_warning() -> None:
+    def model() -> None:
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        # -inf, not NaN: Pyro's validation refuses a NaN factor when the model is traced.
+        pyro.factor("only_positive", torch.where(x > 0, -x, -torch.inf))
+
+    engine = probdyn.Ensemble(num_members=16, num_steps=5, progress_bar=False)
+    with pytest.warns(RuntimeWarning, match=r"member\(s\) end with a non-finite loss"):
+        post = _fit(model, (), engine)
+    bad = ~np.isfinite(post.sample_stats["lp"][0])
+    negative = post.samples["x"][0] <= 0  # an infinite loss skips the step: x stays there
+    assert bad.any() and np.array_equal(bad, negative)
+    assert post.samples["x"].shape == (1, 16)

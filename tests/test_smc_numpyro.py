@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -25,7 +26,8 @@ from scipy import integrate, stats
 
 import probdyn
 from probdyn import _smc_math
-from probdyn.numpyro import BayesianMLP
+from probdyn.numpyro import BayesianMLP, _smc
+from probdyn.numpyro._logdensity import loglik_floor
 from probdyn.numpyro._smc import sample_smc
 from probdyn.testing import (
     check_accuracy,
@@ -296,3 +298,72 @@ def test_sharded_particles_match_single_device(tmp_path: Path) -> None:
     np.testing.assert_allclose(report["temperature"], single.traces["temperature"], atol=1e-10)
     np.testing.assert_allclose(report["log_evidence"], single.log_evidence, atol=1e-10)
     np.testing.assert_allclose(np.load(out), single.samples["w"], rtol=0, atol=1e-10)
+
+
+# -- Particles whose log likelihood is not finite --------------------------------------------
+
+
+def never_valid_model(y: float) -> None:
+    """A likelihood that is NaN for every ``mu``."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    numpyro.factor("broken", jnp.nan * mu)
+    numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_all_invalid_prior_draws_raise() -> None:
+    engine = probdyn.SMC(num_particles=50, num_mcmc_steps=2, progress_bar=False)
+    with pytest.raises(RuntimeError, match="all 50 prior draws have a non-finite log likelihood"):
+        sample_smc(never_valid_model, (0.5,), {}, engine, 0)
+
+
+@pytest.mark.parametrize("temperatures", ["adaptive", (0.5, 1.0)])
+def test_all_invalid_particles_after_a_stage_raise(
+    monkeypatch: pytest.MonkeyPatch, temperatures: str | tuple[float, ...]
+) -> None:
+    # Told that the prior draws are valid, the run must find out at the first stage.
+    # With a given schedule the temperature rises and the stage's own weights tell
+    # (no likelihood pass: count_valid must not be called); the adaptive bisection
+    # stalls at 0 when all weights are equal, and then count_valid tells which error.
+    engine = probdyn.SMC(
+        num_particles=50, num_mcmc_steps=2, temperatures=temperatures, progress_bar=False
+    )
+    build = _smc._program
+    counted: list[int] = []
+
+    def claims_all_valid(*args: object, **kwargs: object) -> _smc._Program:
+        program = build(*args, **kwargs)  # type: ignore[arg-type]
+
+        def count_valid(particles: jax.Array) -> jax.Array:
+            counted.append(1)
+            return program.count_valid(particles)
+
+        return program._replace(
+            init=lambda key: (program.init(key)[0], jnp.asarray(50)), count_valid=count_valid
+        )
+
+    monkeypatch.setattr(_smc, "_program", claims_all_valid)
+    with pytest.raises(RuntimeError, match=r"\(stage 1\) all 50 particles have a non-finite"):
+        sample_smc(never_valid_model, (0.5,), {}, engine, 0)
+    assert len(counted) == (1 if temperatures == "adaptive" else 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_all_invalid_is_read_off_the_log_likelihood_increment(dtype: type) -> None:
+    # A stage reports log mean exp(delta * loglik), loglik = floor where not finite
+    # (BlackJAX's formula, written out here): every particle invalid <=> flagged.
+    n, floor = 1000, loglik_floor(dtype)
+
+    def increment(loglik: np.ndarray, delta: float) -> jax.Array:
+        return jax.nn.logsumexp(jnp.asarray(delta * loglik, dtype)) - jnp.log(n)
+
+    invalid = np.full(n, floor)
+    one_poor = invalid.copy()
+    one_poor[7] = -1e6  # a single valid particle, with a very low likelihood
+    for delta in (1e-3, 0.5, 1.0):
+        d = jnp.asarray(delta, dtype)
+        assert bool(_smc._all_invalid(increment(invalid, delta), d))
+        assert not bool(_smc._all_invalid(increment(one_poor, delta), d))
+        assert not bool(_smc._all_invalid(increment(np.zeros(n), delta), d))
+    # A stage that did not move the temperature (rejuvenation, or stalled) says nothing.
+    zero = jnp.asarray(0.0, dtype)
+    assert not bool(_smc._all_invalid(increment(invalid, 0.0), zero))

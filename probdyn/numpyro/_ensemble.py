@@ -20,7 +20,8 @@ distribution. Plates with ``subsample_size`` draw a new subsample at every step
 (the trace is seeded with ``fold_in(member key, step)``).
 
 Initialisation: ``u = m + init_scale * N(0, 1)`` per member and element, where
-``m = T^-1(prior median)`` for latent sites and ``T^-1(initial value)`` for
+``m = T^-1(prior median)`` for latent sites (a child's median taken with its
+parents at their medians, as the model runs) and ``T^-1(initial value)`` for
 ``param`` sites; anchored members start the same way (not at their anchor), as
 the `Ensemble` docstring says. The prior median is exact where the prior (inside
 any ``Independent`` / ``expand`` / ``mask`` wrappers) is univariate and has an
@@ -56,12 +57,14 @@ latent, nonlinear models such as BNNs) the members are an approximation.
 Optimiser: optax ``adam``, ``adamw`` (its default weight decay, 1e-4, pulls
 ``u`` towards 0 in unconstrained space, so the optimum moves slightly off the
 MAP) or ``sgd``, with the learning rate decayed exponentially to
-``final_learning_rate_fraction`` of itself (as VI). All members' updates are one
-``vmap``; steps run in compiled ``lax.scan`` blocks of ``num_steps // 50`` (the
-progress bar advances per block). The member-stacked state is passed through
-`shard_leading` first, so with several devices and a member count that divides
-by their number the members are split across them and the compiled program
-follows that sharding; otherwise everything runs on one device.
+``final_learning_rate_fraction`` of itself (as VI, but computed in the working
+precision: see `_optimizer`). All members' updates are one
+``vmap``; steps run in compiled ``lax.scan`` blocks of ``ceil(num_steps / 50)``
+steps (at most 50 blocks; the progress bar advances per block, and steps of the
+last block past ``num_steps`` change nothing). The member-stacked state is passed
+through `shard_leading` first, so with several devices and a member count that
+divides by their number the members are split across them and the compiled
+program follows that sharding; otherwise everything runs on one device.
 
 Results
 -------
@@ -110,6 +113,7 @@ Tree = dict[str, Any]
 _WRAPPERS = (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
 _GAUSSIAN = (dist.Normal, dist.MultivariateNormal, dist.LowRankMultivariateNormal)
 _MEDIAN_DRAWS = 2001
+_MAX_BLOCKS = 50  # compiled blocks of steps per run, at most (see _optimise)
 _OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adam": optax.adam,
     "adamw": optax.adamw,
@@ -224,12 +228,27 @@ class _Problem:
         """The unconstrained prior medians of the latent sites, and the centre of the
         members' starts (those medians, and the params' initial values).
 
+        The model runs with every latent site set to ``T(median of its prior)`` as
+        it is reached, so a child's median is taken with its parents at their
+        medians (as the Pyro runner's `prior_medians`), not at a random draw.
         ``values`` are the latent and param values of a first trace of the model;
-        substituting them gives the priors' distributions without drawing again.
+        the params keep theirs (their initial values).
         """
-        trace = self.run(lambda msg: values.get(msg["name"]), key)
         keys = jax.random.split(key, len(self.latent)) if self.latent else key[None]
-        median = {n: _unconstrained_median(trace[n]["fn"], k) for n, k in zip(self.latent, keys)}
+        site_keys = dict(zip(self.latent, keys))
+        found: Tree = {}
+
+        def at_median(msg: dict[str, Any]) -> Any:
+            name = msg.get("name")
+            if msg["type"] == "sample" and not msg["is_observed"] and name in site_keys:
+                found[name] = _unconstrained_median(msg["fn"], site_keys[name])
+                return biject_to(msg["fn"].support)(found[name])
+            if msg["type"] == "param" and name in values:
+                return values[name]
+            return None
+
+        trace = self.run(at_median, key)
+        median = {n: found[n] for n in self.latent}
         centre = dict(median)
         for n in self.params:
             centre[n] = biject_to(_param_constraint(trace[n])).inv(trace[n]["value"])
@@ -274,9 +293,20 @@ class _Problem:
 
 
 def _optimizer(engine: Ensemble) -> optax.GradientTransformation:
-    schedule = optax.exponential_decay(
-        engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction
-    )
+    """The optimiser, its learning rate ``lr * fraction ** (step / num_steps)``.
+
+    Written here rather than as ``optax.exponential_decay``, which computes in
+    float32 whatever the precision (its step counter is int32): under float64 that
+    perturbs the rate in the 8th digit, and the members would not follow the Pyro
+    runner's (``ExponentialLR``) path to float64 precision.
+    """
+    lr, num_steps = engine.learning_rate, engine.num_steps
+    fraction = engine.final_learning_rate_fraction
+    dtype = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
+
+    def schedule(count: jax.Array) -> jax.Array:
+        return lr * jnp.power(fraction, jnp.asarray(count, dtype) / num_steps)
+
     return _OPTIMIZERS[engine.optimizer](schedule)
 
 
@@ -290,10 +320,13 @@ def _optimise(
     """Every member's optimisation, vmapped, in compiled blocks of steps (lax.scan).
 
     Returns the final ``(u, optimiser state)`` and the losses, ``(members, steps)``.
-    The last block may run past ``num_steps``; those steps leave the state as it is.
+    Blocks are ``ceil(num_steps / 50)`` steps long, so there are at most 50 of them
+    (50 dispatches, 50 progress-bar updates); the last block may run past
+    ``num_steps`` (by fewer steps than a block), and those steps leave the state as
+    it is.
     """
     engine = problem.engine
-    block = max(1, engine.num_steps // 50)
+    block = -(-engine.num_steps // _MAX_BLOCKS)
 
     def step(
         u: Tree, opt_state: Any, member: Tree, median: Tree, i: jax.Array

@@ -31,7 +31,19 @@ from numpyro.infer.util import (
     unconstrain_fn,
 )
 
-__all__ = ["FlatModel", "flat_model"]
+__all__ = ["FlatModel", "flat_model", "loglik_floor"]
+
+
+def loglik_floor(dtype: Any) -> float:
+    """The value ``loglik`` gives a particle whose log likelihood is not finite,
+    ``-finfo(dtype).max / 4`` (see `flat_model`).
+
+    Example:
+        >>> import numpy as np
+        >>> loglik_floor(np.float32) == float(-np.finfo(np.float32).max / 4)
+        True
+    """
+    return float(-jnp.finfo(dtype).max / 4)
 
 
 class FlatModel(NamedTuple):
@@ -66,10 +78,10 @@ def flat_model(
 ) -> FlatModel:
     """The `FlatModel` of ``model(*args, **kwargs)``; pure functions, ready for ``jax.jit``.
 
-    ``loglik`` maps a non-finite log likelihood to ``-finfo.max / 4``: the weight
-    ``exp(delta * bad)`` of such a particle is 0 (never NaN), yet ``0 * bad`` is 0,
-    so the tempered density at temperature 0 and the ESS bisection stay finite, and
-    MCMC moves leave the particle.
+    ``loglik`` maps a non-finite log likelihood to ``bad = -finfo.max / 4``
+    (`loglik_floor`): the weight ``exp(delta * bad)`` of such a particle is 0 (never
+    NaN), yet ``0 * bad`` is 0, so the tempered density at temperature 0 and the ESS
+    bisection stay finite, and MCMC moves leave the particle.
 
     Args:
         model: the NumPyro model.
@@ -118,7 +130,7 @@ def flat_model(
 
     def loglik(u: jax.Array) -> jax.Array:
         ll = raw_loglik(u)
-        return jnp.where(jnp.isfinite(ll), ll, -jnp.finfo(ll.dtype).max / 4)
+        return jnp.where(jnp.isfinite(ll), ll, loglik_floor(ll.dtype))
 
     def constrain(particles: jax.Array) -> dict[str, jax.Array]:
         return jax.vmap(lambda u: constrain_fn(model, args, kwargs, unravel(u)))(particles)

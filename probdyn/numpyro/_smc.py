@@ -4,7 +4,13 @@ The model becomes two log densities of one flat vector ``u`` of the latent sites
 in unconstrained space, ``logprior(u)`` (with ``log |det J|``) and ``loglik(u)``
 (observed and ``factor`` sites, tempered), in `probdyn.numpyro._logdensity`. A
 non-finite log likelihood becomes a huge negative number, so that such a particle
-gets weight zero (and never NaN) and MCMC moves leave it.
+gets weight zero (and never NaN) and MCMC moves leave it. The run stops with an
+error if every prior draw has a non-finite log likelihood (one likelihood pass
+over the initial particles) or if after some stage every particle has: read off
+that stage's log-likelihood increment, which is then ``delta`` times the huge
+negative number, so the stages make no likelihood pass of their own; only a stage
+whose temperature stalls (as the adaptive bisection does when every weight is
+equal) counts the valid particles, to say which of the two errors it is.
 
 BlackJAX's ``adaptive_tempered_smc`` (``temperatures="adaptive"``: the next
 temperature by bisection on the ESS of the incremental weights) or
@@ -62,7 +68,7 @@ from probdyn import _smc_math
 from probdyn._engines import SMC
 from probdyn._posterior import Posterior
 from probdyn.numpyro._build import build_posterior
-from probdyn.numpyro._logdensity import flat_model
+from probdyn.numpyro._logdensity import flat_model, loglik_floor
 from probdyn.numpyro._ode import reset_failed_solves
 from probdyn.numpyro._shard import num_devices_of, shard_leading
 from probdyn.numpyro._timing import CompileTimer
@@ -159,6 +165,10 @@ class _Program(NamedTuple):
     init: Callable[[jax.Array], Any]
     step: Callable[..., Any]
     constrain: Callable[[jax.Array], dict[str, jax.Array]]
+    # Particles -> how many have a finite log likelihood. Called (and so compiled)
+    # only when a stage stalls, to tell "all particles invalid" from a degenerate
+    # temperature step; a stage that advances reads it off its weights instead.
+    count_valid: Callable[[jax.Array], jax.Array]
 
 
 def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
@@ -166,6 +176,23 @@ def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
     mean = weights @ particles
     var = weights @ (particles - mean) ** 2
     return jnp.maximum(var, _smc_math.MIN_VARIANCE)
+
+
+def _all_invalid(log_increment: jax.Array, delta: jax.Array) -> jax.Array:
+    """Whether every particle reweighted by a stage had a non-finite log likelihood,
+    from the stage's own log-likelihood increment, without evaluating the likelihood
+    again.
+
+    The stage reweights by ``delta * loglik`` with ``loglik = bad`` (`loglik_floor`,
+    ``-finfo.max / 4``) where the likelihood is not finite, and reports
+    ``log_increment = logsumexp(delta * loglik) - log N``. If every particle is
+    invalid that is ``delta * bad``; if one particle has a finite ``ll`` it is at
+    least ``delta * ll - log N``, far above ``delta * bad / 2`` for any ``delta >
+    16 log N / finfo.max`` (1e-306 in float64, 1e-36 in float32). A stage with
+    ``delta = 0`` (the rejuvenation stage, or a stalled one) says nothing.
+    """
+    bad = loglik_floor(log_increment.dtype)
+    return (delta > 0) & (log_increment <= delta * bad / 2)
 
 
 def _build_program(
@@ -208,6 +235,8 @@ def _build_program(
         step = jnp.full((1,), first, particles.dtype)
         params = parameters(jax.random.fold_in(key, 1), step, var)
         state = TemperedSMCState(particles, weights, jnp.zeros((), particles.dtype))
+        # The one likelihood pass outside the stages: are the prior draws all invalid?
+        # (A stage learns the same from the weights it computes, see _all_invalid.)
         valid = jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
         return StateWithParameterOverride(state, params), valid
 
@@ -234,11 +263,17 @@ def _build_program(
             "step_size": state.parameter_override["step_size"][0],
             "log_increment": info.log_likelihood_increment,
             "ess": 1.0 / jnp.sum(smc_state.weights**2),
-            "num_valid": jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(smc_state.particles))),
+            "all_invalid": _all_invalid(
+                info.log_likelihood_increment,
+                smc_state.tempering_param - state.sampler_state.tempering_param,
+            ),
         }
         return new, stats
 
-    return _Program(jax.jit(init), jax.jit(step), jax.jit(fm.constrain))
+    def count_valid(particles: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
+
+    return _Program(jax.jit(init), jax.jit(step), jax.jit(fm.constrain), jax.jit(count_valid))
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -354,7 +389,8 @@ def _run_stages(
             if previous >= 1.0:  # that was the rejuvenation stage
                 traces["log_evidence"][-1] += stats["log_increment"]
                 break
-            _check_stage(stats, previous, stage, n, engine)
+            count_valid = partial(program.count_valid, state.sampler_state.particles)
+            _check_stage(stats, previous, stage, n, engine, count_valid)
             traces["temperature"].append(stats["temperature"])
             traces["ess"].append(stats["ess"])
             traces["log_evidence"].append(traces["log_evidence"][-1] + stats["log_increment"])
@@ -364,14 +400,29 @@ def _run_stages(
     return state, traces
 
 
-def _check_stage(stats: dict[str, float], previous: float, stage: int, n: int, engine: SMC) -> None:
+def _check_stage(
+    stats: dict[str, float],
+    previous: float,
+    stage: int,
+    n: int,
+    engine: SMC,
+    count_valid: Callable[[], jax.Array],
+) -> None:
+    """Raise if the stage found every particle invalid or the temperature stalled.
+
+    A stage that raised the temperature tells from its own weights whether every
+    particle is invalid (`_all_invalid`); a stalled one (the ESS bisection returns 0
+    when all weights are equal, as they are when every particle is invalid) says
+    nothing, so then, and only then, ``count_valid`` evaluates the likelihood.
+    """
     beta = stats["temperature"]
-    if stats["num_valid"] == 0:
+    stalled = not np.isfinite(beta) or not np.isfinite(stats["log_increment"]) or beta <= previous
+    if stats["all_invalid"] or (stalled and int(count_valid()) == 0):
         raise RuntimeError(
             f"SMC: at temperature {beta:.4g} (stage {stage + 1}) all {n} particles have a "
             "non-finite log likelihood; check the model (failed ODE solves, NaN)."
         )
-    if not np.isfinite(beta) or not np.isfinite(stats["log_increment"]) or beta <= previous:
+    if stalled:
         raise RuntimeError(
             f"SMC: the temperature stopped increasing at {previous:.4g} (stage {stage + 1}, "
             f"next {beta!r}); the incremental weights are degenerate. Try more particles "

@@ -2,11 +2,13 @@
 
 Every member is a row of one ``(num_members, D)`` tensor of unconstrained
 coordinates (latent sites, then ``param`` sites, flattened; see `FlatModel`),
-optimised by one ``torch.optim`` optimiser. Adam, AdamW and SGD update each
-element on its own, so the rows are independent fits that share one backward
-pass. The loss of member ``k`` is minus its log joint density in constrained space
-(log prior + log likelihood, no Jacobian: a MAP estimate, as Pyro's ``AutoDelta``),
-computed here from a trace, so that the anchored terms can replace the model's own.
+optimised by one vectorised Adam, AdamW or SGD update (`_MemberOptimizer`, the
+formulas of optax, which the NumPyro runner uses) whose state (moments, step
+counter, hence learning rate and bias correction) is per member, so the rows are
+independent fits that share one backward pass. The loss of member ``k`` is minus
+its log joint density in constrained space (log prior + log likelihood, no
+Jacobian: a MAP estimate, as Pyro's ``AutoDelta``), computed here from a trace, so
+that the anchored terms can replace the model's own.
 
 Batching: all members' losses come from one ``torch.func.vmap`` over a single
 member's log joint, which works for any model written for one draw (a network's
@@ -27,7 +29,8 @@ observations of every Gaussian site (Normal, MultivariateNormal,
 LowRankMultivariateNormal, inside Independent / expand / mask) by one draw of
 its noise at ``theta_k``; other observed sites and factors are left as they are,
 with one ``UserWarning`` naming them. Steps whose loss or gradient is not finite
-leave that member (and its optimiser state) unchanged; members that end
+leave that member (its values and its whole optimiser state, step counter
+included) unchanged, as in the NumPyro runner; members that end
 non-finite are kept and counted in a ``RuntimeWarning``.
 
 This module also holds `FlatModel`, the model as a function of a flat
@@ -402,60 +405,71 @@ def _warn_non_finite(losses: np.ndarray, final: np.ndarray) -> None:
 # -- The runner ------------------------------------------------------------------------
 
 
-def _optimizer(engine: Ensemble, param: torch.Tensor) -> torch.optim.Optimizer:
-    lr = engine.learning_rate
-    if engine.optimizer == "adamw":
-        return torch.optim.AdamW([param], lr=lr, weight_decay=1e-4)  # optax's default
-    if engine.optimizer == "sgd":
-        return torch.optim.SGD([param], lr=lr)
-    return torch.optim.Adam([param], lr=lr)
+class _MemberOptimizer:
+    """Adam, AdamW or SGD with every member's state its own, as optax's state is
+    per member in the NumPyro runner (which vmaps ``optimizer.update``).
 
+    Each member ``k`` has its own step counter ``c_k``, which sets both its
+    learning rate ``lr * final_learning_rate_fraction ** (c_k / num_steps)`` and
+    Adam's bias correction; a member whose step is skipped (non-finite loss or
+    gradient) keeps its values, moments and counter, so it resumes exactly where
+    it stopped. The updates follow optax's formulas (``adam``: b1 0.9, b2 0.999,
+    eps 1e-8; ``adamw``: the same plus optax's default weight decay 1e-4 times the
+    value, inside the learning rate; ``sgd``: no momentum).
+    """
 
-def _guarded_step(opt: torch.optim.Optimizer, flat: torch.Tensor, loss: torch.Tensor) -> None:
-    """One optimiser step that leaves a member untouched (values and optimiser state)
-    where its loss or gradient is not finite, as NumPyro's ``stable_update``."""
-    assert flat.grad is not None
-    bad = ~torch.isfinite(loss) | ~torch.isfinite(flat.grad).all(dim=-1)
-    if not bool(bad.any()):
-        opt.step()
-        return
-    flat.grad[bad] = 0.0
-    state = opt.state[flat]
-    rows = {k: v[bad].clone() for k, v in state.items() if _per_element(v, flat)}
-    old = flat.detach()[bad].clone()
-    opt.step()
-    with torch.no_grad():
-        flat[bad] = old
-        for k, v in rows.items():
-            state[k][bad] = v
+    b1, b2, eps, weight_decay = 0.9, 0.999, 1e-8, 1e-4
 
+    def __init__(self, engine: Ensemble, flat: torch.Tensor) -> None:
+        self.kind = engine.optimizer
+        self.lr = engine.learning_rate
+        self.fraction = engine.final_learning_rate_fraction
+        self.num_steps = engine.num_steps
+        self.count = torch.zeros(len(flat), dtype=flat.dtype)
+        self.m = torch.zeros_like(flat)
+        self.v = torch.zeros_like(flat)
 
-def _per_element(value: Any, flat: torch.Tensor) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape == flat.shape
+    @torch.no_grad()
+    def step(self, flat: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor) -> None:
+        """Update the rows of ``flat`` ``(K, D)`` in place from ``grad`` ``(K, D)``,
+        skipping each member whose ``loss`` ``(K,)`` or gradient is not finite."""
+        keep = torch.isfinite(loss) & torch.isfinite(grad).all(dim=-1)
+        lr = self.lr * self.fraction ** (self.count / self.num_steps)
+        if self.kind == "sgd":
+            direction = grad
+        else:
+            count = self.count + 1
+            m = (1 - self.b1) * grad + self.b1 * self.m
+            v = (1 - self.b2) * grad**2 + self.b2 * self.v
+            m_hat = m / (1 - self.b1**count)[:, None]
+            v_hat = v / (1 - self.b2**count)[:, None]
+            direction = m_hat / (v_hat.sqrt() + self.eps)
+            if self.kind == "adamw":
+                direction = direction + self.weight_decay * flat
+            self.m = torch.where(keep[:, None], m, self.m)
+            self.v = torch.where(keep[:, None], v, self.v)
+        flat.copy_(torch.where(keep[:, None], flat - lr[:, None] * direction, flat))
+        self.count = self.count + keep.to(self.count.dtype)
 
 
 def _optimise(
     engine: Ensemble,
     flat_model: FlatModel,
     flat: torch.Tensor,
-    opt: torch.optim.Optimizer,
     shift: torch.Tensor | None,
     jitter: dict[str, torch.Tensor] | None,
 ) -> np.ndarray:
     """Minimise every member's negative log joint, updating ``flat`` ``(K, D)`` in
     place; returns the ``(K, num_steps)`` loss trace (the loss before each step)."""
-    decay = engine.final_learning_rate_fraction ** (1.0 / engine.num_steps)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
+    opt = _MemberOptimizer(engine, flat)
     losses = np.empty((len(flat), engine.num_steps))
     block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
     with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="Ensemble") as bar:
         for step in range(engine.num_steps):
-            opt.zero_grad()
             t = flat_model.evaluate(flat, shift, jitter)
             loss = -(t[:, 0] + t[:, 2])
-            loss.sum().backward()
-            _guarded_step(opt, flat, loss.detach())
-            schedule.step()
+            (grad,) = torch.autograd.grad(loss.sum(), flat)
+            opt.step(flat, grad, loss.detach())
             losses[:, step] = loss.detach().numpy()
             if (step + 1) % block == 0 or step + 1 == engine.num_steps:
                 bar.update(step + 1 - bar.n)
@@ -501,9 +515,6 @@ def run_ensemble(
             _warn_unjittered(trace)
         dtype = trace[flat_model.blocks[0].name]["value"].dtype
         flat = torch.zeros((k, flat_model.dim), dtype=dtype, requires_grad=True)
-        # Built before the clock starts: torch.optim imports torch._dynamo (seconds)
-        # the first time an optimiser is made in a process.
-        opt = _optimizer(engine, flat)
         begin = time.perf_counter()
         torch.default_generator.manual_seed(sub_seed(seed, 3))
         median = flat_model.unconstrain(prior_medians(model, targs, tkwargs))
@@ -516,7 +527,7 @@ def run_ensemble(
             flat.copy_(median + engine.init_scale * noise)
         flat_model.choose_batching(flat.detach(), shift, jitter)
         reset_failed_solves()
-        losses = _optimise(engine, flat_model, flat, opt, shift, jitter)
+        losses = _optimise(engine, flat_model, flat, shift, jitter)
         with torch.no_grad():
             t = flat_model.evaluate(flat.detach())
             values = flat_model.constrain(flat.detach())[0]
