@@ -82,7 +82,6 @@ members ran on (see `shard_leading`).
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -99,6 +98,7 @@ from numpyro.distributions.transforms import biject_to
 from tqdm.auto import tqdm
 
 from probdyn._engines import Ensemble
+from probdyn._ensemble_warnings import warn_non_finite, warn_not_jittered
 from probdyn._posterior import Posterior
 from probdyn.numpyro._build import build_posterior
 from probdyn.numpyro._ode import reset_failed_solves
@@ -374,28 +374,7 @@ def _warn_approximate(trace: dict[str, Any], jittered: list[str]) -> None:
         for n, s in trace.items()
         if s["type"] == "sample" and s["is_observed"] and n not in jittered
     ]
-    if others:
-        warnings.warn(
-            f"Ensemble(anchored=True): observed site(s) or factor(s) {others} are not Gaussian "
-            "(Normal likelihood), so their observations are not jittered; the anchored "
-            "ensemble is then an approximation to the posterior, not exact draws.",
-            UserWarning,
-            stacklevel=4,
-        )
-
-
-def _warn_non_finite(losses: np.ndarray, final: np.ndarray) -> None:
-    bad_final = int((~np.isfinite(final)).sum())
-    bad_steps = int((~np.isfinite(losses)).any(axis=1).sum())
-    if bad_final or bad_steps:
-        warnings.warn(
-            f"Ensemble: {bad_final} of {len(final)} member(s) end with a non-finite loss and "
-            f"{bad_steps} had a non-finite loss at some step (those steps were skipped). "
-            "They are kept; see posterior.traces['loss'] and sample_stats['lp'], and try a "
-            "smaller learning_rate or init_scale.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    warn_not_jittered(others)
 
 
 def _check_sites(trace: dict[str, Any], problem: _Problem) -> None:
@@ -455,7 +434,7 @@ def run_ensemble(
         num_devices = num_devices_of(jax.tree.leaves(values)[0])
         loss, log_joint, values = jax.tree.map(np.asarray, (loss, log_joint, values))
     wall = time.perf_counter() - start
-    _warn_non_finite(losses, loss)
+    warn_non_finite(losses, loss)
     return build_posterior(
         model=model,
         args=args,

@@ -57,6 +57,7 @@ from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
 from probdyn._engines import Ensemble
+from probdyn._ensemble_warnings import warn_non_finite, warn_not_jittered
 from probdyn._posterior import Posterior
 from probdyn.pyro._build import build_posterior
 from probdyn.pyro._ode import reset_failed_solves
@@ -378,28 +379,7 @@ def _warn_unjittered(trace: dict[str, Any]) -> None:
         and not is_deterministic(s)
         and (is_factor(s) or not _is_gaussian(s["fn"]))
     )
-    if others:
-        warnings.warn(
-            f"Ensemble(anchored=True): observed site(s) or factor(s) {others} are not Gaussian "
-            "(Normal likelihood), so their observations are not jittered; the anchored "
-            "ensemble is then an approximation to the posterior, not exact draws.",
-            UserWarning,
-            stacklevel=4,
-        )
-
-
-def _warn_non_finite(losses: np.ndarray, final: np.ndarray) -> None:
-    bad_final = int((~np.isfinite(final)).sum())
-    bad_steps = int((~np.isfinite(losses)).any(axis=1).sum())
-    if bad_final or bad_steps:
-        warnings.warn(
-            f"Ensemble: {bad_final} of {len(final)} member(s) end with a non-finite loss and "
-            f"{bad_steps} had a non-finite loss at some step (those steps were skipped). "
-            "They are kept; see posterior.traces['loss'] and sample_stats['lp'], and try a "
-            "smaller learning_rate or init_scale.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    warn_not_jittered(others)
 
 
 # -- The runner ------------------------------------------------------------------------
@@ -533,7 +513,7 @@ def run_ensemble(
             values = flat_model.constrain(flat.detach())[0]
         wall = time.perf_counter() - begin
     lp = (t[:, 0] + t[:, 2]).numpy()
-    _warn_non_finite(losses, lp)
+    warn_non_finite(losses, lp)
     return build_posterior(
         model=model,
         args=args,
