@@ -154,6 +154,47 @@ class Posterior:
         backend = importlib.import_module(f"probdyn.{self.backend}._predict")
         return backend.predict(self, args, kwargs, key=key, sites=sites)
 
+    def log_likelihood_at(self, *args: Any, key: Any = 0, **kwargs: Any) -> dict[str, np.ndarray]:
+        """Pointwise log likelihood of new observations under every draw.
+
+        Pass the model's arguments with the held-out observations in the observed
+        site's argument (e.g. ``post.log_likelihood_at(t_test, y_test)``). The
+        result feeds `probdyn.calibration.nlpd` for an exact negative log
+        predictive density (log-mean-exp over draws).
+
+        Args:
+            *args: the model's positional arguments, observations included.
+            key: an int seed or a backend key (for any sampling inside the model).
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            observed site name -> array ``(chain, draw, *obs)`` (event dimensions
+            summed, masked entries 0).
+
+        Raises:
+            RuntimeError: if no model is attached (e.g. after `probdyn.load`).
+
+        Example:
+            >>> ll = post.log_likelihood_at(x_test, y_test)  # doctest: +SKIP
+            >>> ll["y"].shape  # (chain, draw, len(y_test))  # doctest: +SKIP
+        """
+        if self.model is None:
+            raise RuntimeError(
+                "This Posterior has no model attached (it was probably loaded from a file). "
+                "Call posterior.with_model(model) or probdyn.load(path, model=model) first."
+            )
+        backend = importlib.import_module(f"probdyn.{self.backend}._predict")
+        latent = set(self.attrs.get("latent_sites", self.samples))
+        _, loglik, _ = backend.forward_draws(
+            self.model, args, kwargs, self.samples, self.params, key, latent=latent
+        )
+        if not loglik:
+            raise ValueError(
+                "log_likelihood_at: the model has no observed sites for these arguments; "
+                "pass the held-out observations in the observed site's argument."
+            )
+        return loglik
+
     # -- summaries and conversion ------------------------------------------------
     def summary(self, *, max_elements: int | None = 10, **kwargs: Any) -> Any:
         """ArviZ summary with one row per site for large sites.

@@ -69,15 +69,17 @@ def forward_draws(
     kwargs: dict[str, Any],
     samples: dict[str, Any],
     params: dict[str, Any],
-    seed: int,
+    seed: Any,
     *,
     latent: set[str],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Deterministic sites, pointwise log likelihood and posterior predictive per draw.
 
     ``samples`` are shaped ``(chain, draw, ...)``; only the ``latent`` sites are
-    substituted. Returns three dicts with the same leading ``(chain, draw)``.
+    substituted. ``seed`` is an int or a ``torch.Generator``. Returns three dicts
+    with the same leading ``(chain, draw)``.
     """
+    seed = as_seed(seed)
     args, kwargs = to_torch_args(args, kwargs)
     lead, draws = _flat_draws(samples, latent)
     det_rows, ll_rows, pp_rows = [], [], []
