@@ -46,6 +46,7 @@ __all__ = [
     "next_temperature",
     "normalize_log_weights",
     "step_adapt_gain",
+    "stratified_resample",
     "systematic_resample",
     "target_acceptance",
     "weighted_variance",
@@ -209,6 +210,26 @@ def systematic_resample(
     n = w.size if num is None else int(num)
     pointers = (rng.uniform() + np.arange(n)) / n
     return _invert_cdf(w, pointers)
+
+
+def stratified_resample(
+    log_weights: np.ndarray, rng: np.random.Generator, num: int | None = None
+) -> np.ndarray:
+    """Stratified resampling: one uniform pointer in each of ``num`` equal strata.
+
+    The resampling of the Feynman–Kac (minibatch) runners, as BlackJAX's
+    ``stratified`` on the NumPyro backend. Returns ``(num,)`` int64 indices in
+    increasing order (see `systematic_resample`).
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> stratified_resample(np.array([0.0, -np.inf, 0.0]), rng).tolist()
+        [0, 0, 2]
+    """
+    w = np.exp(normalize_log_weights(log_weights))
+    n = w.size if num is None else int(num)
+    return _invert_cdf(w, (np.arange(n) + rng.uniform(size=n)) / n)
 
 
 def multinomial_resample(

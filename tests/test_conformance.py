@@ -101,7 +101,8 @@ ENGINES = {
         {"normal": "mean+sd", "blr": "mean+sd"},
     ),
     # Feynman-Kac streaming SMC targets the jittered (random-walk) model, not the
-    # static posterior; its exactness against a Kalman filter is in test_fksmc.py.
+    # static posterior; its exactness against a Kalman filter is in test_fksmc.py and
+    # test_fksmc_pyro.py.
     "smc-minibatch": (
         probdyn.SMC(
             num_particles=500, stream="minibatch", batch_size=5, num_epochs=2, progress_bar=False
@@ -119,10 +120,6 @@ BACKENDS = ("numpyro", "pyro")
 # raises this error, and the case is a strict expected failure.
 UNSUPPORTED = {
     ("vi-flow", "normal", "*"): (ValueError, "a flow guide needs >= 2 latent dimensions"),
-    ("smc-minibatch", "*", "pyro"): (
-        NotImplementedError,
-        "Feynman-Kac streaming SMC exists on the NumPyro backend only",
-    ),
 }
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from fk_reference import gaussian_nlpd, kalman_blr, kalman_normal, toy_data
 from numpyro.infer import Predictive
-from scipy.special import logsumexp
 
 import probdyn
 from probdyn.numpyro import BayesianMLP
@@ -45,12 +45,6 @@ def _smc(**kw: Any) -> probdyn.SMC:
 
 
 # -- a tiny partial BNN on the Zhao et al. toy problem -----------------------------------
-def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-6.0, 6.0, n)
-    return x, x * np.sin(x * np.tanh(x)) + rng.standard_normal(n)
-
-
 def pbnn(x: Any, y: Any = None) -> None:
     # 1 -> 16 -> [16 -> 8 stochastic] -> 8 -> 1; the other layers are param sites.
     net = BayesianMLP("f", [1, 16, 8, 1], activation="gelu", bayesian_layers=[1])
@@ -59,28 +53,21 @@ def pbnn(x: Any, y: Any = None) -> None:
         numpyro.sample("y", dist.Normal(mean, 1.0), obs=y)
 
 
-def _nlpd(means: np.ndarray, y: np.ndarray) -> float:
-    """Monte-Carlo NLPD: mean over points of -log mean over draws of N(y; f, 1)."""
-    means = means.reshape(-1, len(y))
-    lp = -0.5 * np.log(2 * np.pi) - 0.5 * (y - means) ** 2
-    return float(-np.mean(logsumexp(lp, axis=0) - np.log(len(means))))
-
-
 @pytest.fixture(scope="module")
 def pbnn_fit() -> tuple[probdyn.Posterior, dict[str, Any]]:
-    x, y = _toy(100, 0)
+    x, y = toy_data(100, 0)
     engine = _smc(num_particles=200, batch_size=20, num_epochs=50)
     return run_fksmc(pbnn, (x, y), {}, engine, 0), trace_model(pbnn, (x, y), {})
 
 
 def test_pbnn_predicts_far_better_than_prior_and_baseline(pbnn_fit: Any) -> None:
     post, _ = pbnn_fit
-    _, y = _toy(100, 0)
-    x_test, y_test = _toy(200, 1)
-    nlpd = _nlpd(post.predict(x_test, key=1, sites=["mean"])["mean"], y_test)
+    _, y = toy_data(100, 0)
+    x_test, y_test = toy_data(200, 1)
+    nlpd = gaussian_nlpd(post.predict(x_test, key=1, sites=["mean"])["mean"], y_test)
     # Prior predictive: prior draws of the stochastic layer, the initial deterministic ones.
     prior = Predictive(pbnn, num_samples=1000)(jax.random.PRNGKey(0), x_test)["mean"]
-    prior_nlpd = _nlpd(np.asarray(prior), y_test)
+    prior_nlpd = gaussian_nlpd(np.asarray(prior), y_test)
     # Trivial baseline: N(mean of the training y, their variance) at every test point.
     baseline = float(
         np.mean(0.5 * np.log(2 * np.pi * y.var()) + (y_test - y.mean()) ** 2 / (2 * y.var()))
@@ -134,16 +121,6 @@ def test_pbnn_layout_and_arviz(pbnn_fit: Any) -> None:
 
 
 # -- the conjugate normal model: exact targets --------------------------------------------
-def _kalman(y: np.ndarray, batches: np.ndarray, variance: float) -> tuple[float, float]:
-    """Mean and sd after filtering ``batches`` of ``y``, prior N(0, 2^2), noise 1."""
-    m, v = 0.0, 4.0
-    for idx in batches:
-        v = v + variance
-        precision = 1 / v + len(idx)
-        m, v = (m / v + y[idx].sum()) / precision, 1 / precision
-    return m, float(np.sqrt(v))
-
-
 def test_one_full_batch_gives_the_exact_posterior() -> None:
     problem = normal_data()
     y = problem.args[0]
@@ -153,7 +130,7 @@ def test_one_full_batch_gives_the_exact_posterior() -> None:
     # Error model: ArviZ MCSE of the resampled cloud (copies of one particle sit side by
     # side, so its autocorrelation counts them); 4 MCSE. Measured z-scores of the mean
     # over keys 0-2: -1.0, 0.1, -1.2.
-    mean, sd = _kalman(y, np.arange(20)[None], RW_VARIANCE)
+    mean, sd = kalman_normal(y, np.arange(20)[None], RW_VARIANCE)
     assert abs(mean - float(problem.mean)) < 1e-4
     check_accuracy(post, "mu", mean, sd, num_mcse=4.0)
     # The single increment is log mean_i p(y | mu_i) over jittered prior draws, an
@@ -182,24 +159,11 @@ def test_streaming_matches_the_kalman_filter_of_the_jittered_model() -> None:
     batches = post.traces["batch_index"]
     assert batches.shape == (4, 5) and sorted(batches.ravel()) == list(range(20))
     # Without jitter the filter is the static posterior (a check of the reference).
-    np.testing.assert_allclose(_kalman(y, batches, 0.0), problem.exact, rtol=1e-12)
+    np.testing.assert_allclose(kalman_normal(y, batches, 0.0), problem.exact, rtol=1e-12)
     # With it, the target moves by up to ~0.3 posterior sd (~6 MCSE here) depending on
     # the batch order, so the cloud is compared with the filter it actually runs.
-    mean, sd = _kalman(y, batches, RW_VARIANCE)
+    mean, sd = kalman_normal(y, batches, RW_VARIANCE)
     check_accuracy(post, "mu", mean, sd, num_mcse=4.0)
-
-
-def _kalman_blr(
-    x: np.ndarray, y: np.ndarray, batches: np.ndarray, noise: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """`_kalman` for the linear regression: prior N(0, I), weights random-walk."""
-    m, cov = np.zeros(x.shape[1]), np.eye(x.shape[1])
-    for idx in batches:
-        cov = cov + RW_VARIANCE * np.eye(len(m))
-        xb = x[idx]
-        new = np.linalg.inv(np.linalg.inv(cov) + xb.T @ xb / noise**2)
-        m, cov = new @ (np.linalg.solve(cov, m) + xb.T @ y[idx] / noise**2), new
-    return m, np.sqrt(np.diag(cov))
 
 
 def test_streaming_linear_regression_matches_its_kalman_filter() -> None:
@@ -210,7 +174,7 @@ def test_streaming_linear_regression_matches_its_kalman_filter() -> None:
     x, y, _, noise = problem.args
     model = reference_model("linear_regression", "numpyro")
     post = run_fksmc(model, problem.args, {}, _smc(num_particles=20000, batch_size=2), 0)
-    mean, sd = _kalman_blr(x, y, post.traces["batch_index"], noise)
+    mean, sd = kalman_blr(x, y, post.traces["batch_index"], noise)
     # Error model: each reweight-resample step adds about var / ESS_t to the variance of
     # the particle mean, so MCSE = sd sqrt(sum_t 1 / ESS_t). (ArviZ's MCSE of the final
     # cloud misses the collapse of the early steps, where few prior draws keep weight:
@@ -300,7 +264,7 @@ def _params_only(y: Any) -> None:
     [
         (NORMAL, (Y,), 21, r"SMC\(batch_size=21\): larger than the 20 data points"),
         (_params_only, (Y,), 5, "no latent sample sites"),
-        (_no_plate, (Y,), 5, "not inside a numpyro.plate over its leading axis"),
+        (_no_plate, (Y,), 5, "not inside a plate over its leading axis"),
         (_in_plate, (Y,), 5, "plate 'data' keeps size 20"),
         (_global_obs, (Y,), 5, "observed site 'y' keeps 20 rows"),
         (_no_args, (), 5, "no argument of the model is an array with 20 rows"),

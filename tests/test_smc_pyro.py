@@ -185,10 +185,3 @@ def test_param_sites_are_refused() -> None:
     x, y = np.ones((5, 1)), np.zeros(5)
     with pytest.raises(ValueError, match=r"param site\(s\) \['f.layers.0.bias'"):
         _fit(_partial_bnn, (x, y), SHORT)
-
-
-def test_minibatch_stream_is_not_implemented_on_pyro() -> None:
-    data = normal_data()
-    engine = probdyn.SMC(stream="minibatch", batch_size=5, progress_bar=False)
-    with pytest.raises(NotImplementedError, match="backend='numpyro'"):
-        _fit(reference_model("normal", "pyro"), data.args, engine)

@@ -23,12 +23,7 @@ is ``traces["log_marginal_increment"]``; summed over the first epoch it estimate
 ``log p(y; psi)`` of the state-space model whose weights random-walk between
 batches (for small jitter, close to the static model's evidence).
 
-Data streaming rule. ``N`` is the size of the ``numpyro.plate`` that holds the
-leading axis of every observed site; every array argument of the model
-(positional or keyword) whose leading dimension is ``N`` is a per-data-point
-array, and each step calls the model with those arrays cut to the ``batch_size``
-rows of the batch. Each epoch visits the data in a fresh random order in
-``N // batch_size`` batches (the remainder, different each epoch, is skipped).
+Data streaming rule: see `probdyn._streaming` (shared with the Pyro runner).
 """
 
 from __future__ import annotations
@@ -46,6 +41,7 @@ from numpyro import handlers
 from numpyro.infer.util import _transforms_from_trace
 from tqdm.auto import tqdm
 
+from probdyn import _streaming as streaming
 from probdyn._engines import SMC
 from probdyn._posterior import Posterior
 from probdyn.numpyro._build import build_posterior
@@ -60,33 +56,6 @@ RW_VARIANCE = 1e-2
 (Zhao et al. use 1e-2)."""
 
 
-class _Stream(NamedTuple):
-    """Where the per-data-point arrays sit among the model's arguments."""
-
-    size: int  # N, the number of data points
-    plates: frozenset[str]  # names of the plates over the data axis
-    arg_pos: tuple[int, ...]  # positional arguments cut into batches
-    kwarg_names: tuple[str, ...]  # keyword arguments cut into batches
-
-    def data(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[jax.Array, ...]:
-        return tuple(jnp.asarray(args[i]) for i in self.arg_pos) + tuple(
-            jnp.asarray(kwargs[k]) for k in self.kwarg_names
-        )
-
-    def batch(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], data: tuple[Any, ...], idx: Any
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The model's arguments with every per-data-point array cut to rows ``idx``."""
-        cut = [d[idx] for d in data]
-        new_args = list(args)
-        for i, value in zip(self.arg_pos, cut):
-            new_args[i] = value
-        new_kwargs = dict(kwargs)
-        for k, value in zip(self.kwarg_names, cut[len(self.arg_pos) :]):
-            new_kwargs[k] = value
-        return tuple(new_args), new_kwargs
-
-
 class _State(NamedTuple):
     particles: dict[str, jax.Array]  # unconstrained, (num_particles, *event)
     psi: dict[str, jax.Array]  # unconstrained param sites
@@ -98,41 +67,21 @@ def _leading(value: Any) -> int | None:
     return int(shape[0]) if shape else None
 
 
-def _data_size(trace: dict[str, Any]) -> tuple[int, frozenset[str]]:
-    """N and the plate(s) over the leading axis of the observed sites."""
-    sizes: dict[str, int] = {}
-    plates = set()
+def _observed(trace: dict[str, Any]) -> dict[str, streaming.ObservedSite]:
+    """The observed and factor sites of a trace, described for `probdyn._streaming`."""
+    out = {}
     for name, site in trace.items():
-        if site["type"] != "sample" or not site["is_observed"] or is_factor(site):
+        if site["type"] != "sample" or not site["is_observed"]:
             continue
         shape = np.shape(site["value"])
-        batch_ndim = len(shape) - len(site["fn"].event_shape)
-        frames = [f for f in site["cond_indep_stack"] if batch_ndim and f.dim == -batch_ndim]
-        if not frames:
-            raise ValueError(
-                f"SMC(stream='minibatch'): observed site {name!r} (shape {shape}) is not inside "
-                "a numpyro.plate over its leading axis, so probdyn cannot tell its data points "
-                "apart. Observe it inside `with numpyro.plate('data', len(y)):` with one "
-                "data point per row."
-            )
-        frame = frames[0]
-        if frame.size != shape[0] or site.get("scale") is not None:
-            raise ValueError(
-                f"SMC(stream='minibatch'): observed site {name!r} is subsampled or scaled "
-                f"(plate {frame.name!r} of size {frame.size}, value with {shape[0]} rows). "
-                "Remove subsample_size / handlers.scale: probdyn cuts the data into batches "
-                "itself (and scales the gradient for the params by N / batch_size)."
-            )
-        sizes[name] = int(shape[0])
-        plates.add(frame.name)
-    if not sizes:
-        raise ValueError("SMC(stream='minibatch'): the model has no observed sites to stream.")
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            f"SMC(stream='minibatch'): the observed sites have different numbers of data "
-            f"points {sizes}; every observed site must have one row per data point."
+        out[name] = streaming.ObservedSite(
+            rows=int(shape[0]) if shape else 0,
+            batch_ndim=len(shape) - len(site["fn"].event_shape),
+            frames=tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]),
+            scaled=site.get("scale") is not None,
+            is_factor=is_factor(site),
         )
-    return next(iter(sizes.values())), frozenset(plates)
+    return out
 
 
 def _stream(
@@ -141,80 +90,27 @@ def _stream(
     kwargs: dict[str, Any],
     trace: dict[str, Any],
     batch_size: int,
-) -> _Stream:
+) -> streaming.Stream:
     """Find the data axis; check that cutting the arguments cuts the observations."""
-    n, plates = _data_size(trace)
-    if batch_size > n:
-        raise ValueError(
-            f"SMC(batch_size={batch_size}): larger than the {n} data points of the observed "
-            f"site(s); give batch_size <= {n}."
-        )
-    stream = _Stream(
-        size=n,
-        plates=plates,
-        arg_pos=tuple(i for i, a in enumerate(args) if _leading(a) == n),
-        kwarg_names=tuple(k for k, a in kwargs.items() if _leading(a) == n),
-    )
-    if not stream.arg_pos and not stream.kwarg_names:
-        raise ValueError(
-            f"SMC(stream='minibatch'): no argument of the model is an array with {n} rows (the "
-            "size of the observed sites' plate). Pass the observations (and inputs) to the "
-            "model as arguments, one row per data point, so that probdyn can cut them into "
-            "batches."
-        )
-    small = min(batch_size, n - 1) if n > 1 else 1
-    host = tuple(np.asarray(d) for d in stream.data(args, kwargs))
+    n, plates = streaming.data_size(_observed(trace))
+    streaming.check_batch_size(batch_size, n)
+    stream = streaming.find_stream(args, kwargs, n, plates, _leading)
+    small = streaming.probe_rows(n, batch_size)
+    host = stream.data(args, kwargs, np.asarray)
     b_args, b_kwargs = stream.batch(args, kwargs, host, np.arange(small))
-    found: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+    found: dict[str, streaming.ObservedSite] = {}
 
     def probe() -> int:
-        tr = trace_model(model, b_args, b_kwargs)
-        for name, site in tr.items():
-            if site["type"] == "sample" and site["is_observed"] and not is_factor(site):
-                frames = [(f.name, f.size) for f in site["cond_indep_stack"]]
-                found[name] = (np.shape(site["value"])[0], frames)
+        found.update(_observed(trace_model(model, b_args, b_kwargs)))
         return 0
 
     try:
         # Abstract evaluation: shapes and plates only, nothing is compiled or run.
         jax.eval_shape(probe)
     except Exception as err:
-        raise ValueError(
-            f"SMC(stream='minibatch'): the model failed when its {n}-row array arguments were "
-            f"cut to {small} rows ({type(err).__name__}: {err}). Size the data plate from the "
-            "arguments (numpyro.plate('data', len(x))) rather than a fixed number."
-        ) from err
-    for name, (rows, frames) in found.items():
-        if rows != small:
-            raise ValueError(
-                f"SMC(stream='minibatch'): observed site {name!r} keeps {rows} rows when the "
-                f"model's {n}-row array arguments are cut to {small}. Pass its observations "
-                "as an argument (obs=y, with y an argument of the model)."
-            )
-        fixed = [plate for plate, size in frames if plate in plates and size != small]
-        if fixed:
-            raise ValueError(
-                f"SMC(stream='minibatch'): plate {fixed[0]!r} keeps size {n} when the model's "
-                f"{n}-row array arguments are cut to {small} rows. Size the data plate from "
-                "the arguments (numpyro.plate('data', len(x))) rather than a fixed number."
-            )
+        raise streaming.cut_failed(n, small, err) from err
+    streaming.check_cut(stream, small, found)
     return stream
-
-
-def _site_weights(trace: dict[str, Any], stream: _Stream, batch_size: int) -> dict[str, float]:
-    """Observed and factor sites that make the batch potential, with their weights.
-
-    A factor outside the data plate (for instance the rejection of a failed ODE
-    solve) is counted at every step; weighting it by ``B / N`` counts it once per
-    epoch, as each data point is.
-    """
-    out = {}
-    for name, site in trace.items():
-        if site["type"] != "sample" or not site["is_observed"]:
-            continue
-        in_plate = any(f.name in stream.plates for f in site["cond_indep_stack"])
-        out[name] = 1.0 if (in_plate or not is_factor(site)) else batch_size / stream.size
-    return out
 
 
 def _ess(log_w: jax.Array) -> jax.Array:
@@ -226,7 +122,7 @@ def _make_epoch(
     model: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    stream: _Stream,
+    stream: streaming.Stream,
     transforms: dict[str, Any],
     weights: dict[str, float],
     engine: SMC,
@@ -294,15 +190,6 @@ def _make_epoch(
     return epoch
 
 
-def _batch_orders(key: jax.Array, n: int, epochs: int, batch_size: int) -> np.ndarray:
-    """Each epoch's batches, ``(epochs, n // batch_size, batch_size)`` data rows: a fresh
-    random order of the data per epoch (NumPy, seeded by ``key``: nothing to compile)."""
-    rng = np.random.default_rng(np.asarray(as_key(key)).ravel().tolist())
-    steps = n // batch_size
-    perms = np.stack([rng.permutation(n)[: steps * batch_size] for _ in range(epochs)])
-    return perms.reshape(epochs, steps, batch_size)
-
-
 def _initial_particles(
     model: Callable[..., Any],
     args: tuple[Any, ...],
@@ -325,12 +212,7 @@ def _check_sites(trace: dict[str, Any]) -> tuple[list[str], list[str]]:
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     params = [n for n, s in trace.items() if s["type"] == "param"]
     if not latent:
-        raise ValueError(
-            "SMC(stream='minibatch'): the model has no latent sample sites, so there is no "
-            "posterior for the particles to track. Give the stochastic weights a prior "
-            "(BayesianMLP(..., bayesian_layers=[...])), or fit param-only models by "
-            "optimisation (probdyn.VI or probdyn.Ensemble)."
-        )
+        raise streaming.no_latent_error()
     return latent, params
 
 
@@ -381,11 +263,7 @@ def run_fksmc(
         >>> run_fksmc(model, (np.ones(20),), {}, engine, 0).samples["mu"].shape
         (1, 100)
     """
-    if engine.batch_size is None:
-        raise ValueError(
-            "SMC(batch_size=None): the Feynman-Kac (minibatch) runner needs batch_size; give "
-            "SMC(stream='minibatch', batch_size=...)."
-        )
+    batch_size = streaming.check_batch_size(engine.batch_size)
     rng = as_key(key)
     trace = trace_model(model, args, kwargs, rng)
     observed = check_observed(trace)
@@ -397,27 +275,21 @@ def run_fksmc(
             "random-walk jitter needs fixed supports. Reparametrise the site."
         )
     transforms = info.inv_transforms
-    batch_size = engine.batch_size
     stream = _stream(model, args, kwargs, trace, batch_size)
-    local = [
-        n for n in latent if any(f.name in stream.plates for f in trace[n]["cond_indep_stack"])
-    ]
-    if local:
-        raise ValueError(
-            f"SMC(stream='minibatch'): latent site(s) {local} sit inside the data plate (one "
-            "value per data point); the particles track global unknowns only. Move them out of "
-            "the plate, or use stream='tempered'."
-        )
-    weights = _site_weights(trace, stream, batch_size)
+    streaming.check_global_latents(
+        {n: [f.name for f in trace[n]["cond_indep_stack"]] for n in latent}, stream.plates
+    )
+    weights = streaming.site_weights(_observed(trace), stream, batch_size)
     optimizer = optax.adam(engine.learning_rate)
     epoch = _make_epoch(model, args, kwargs, stream, transforms, weights, engine, optimizer)
     steps = stream.size // batch_size
-    data = stream.data(args, kwargs)
+    data = stream.data(args, kwargs, jnp.asarray)
     reset_failed_solves()
     start = time.perf_counter()
     with CompileTimer() as timer:
         k_init, k_order, k_steps = jax.random.split(rng, 3)
-        orders = _batch_orders(k_order, stream.size, engine.num_epochs, batch_size)
+        seed = np.asarray(as_key(k_order)).ravel().tolist()
+        orders = streaming.batch_orders(seed, stream.size, engine.num_epochs, batch_size)
         host = tuple(np.asarray(d) for d in data)
         first_args, first_kwargs = stream.batch(args, kwargs, host, np.arange(batch_size))
         particles = _initial_particles(

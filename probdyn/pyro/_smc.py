@@ -26,8 +26,7 @@ the NumPyro backend reads too, so both backends run the same algorithm:
 Factor sites (``pyro.factor``, and the rejection of a failed ODE solve) count as
 likelihood: they are tempered.
 
-Differences from the NumPyro runner, forced by Pyro: ``stream="minibatch"`` is not
-available here yet (NotImplementedError).
+``stream="minibatch"`` (Feynman–Kac SMC) is run by probdyn/pyro/_fksmc.py.
 """
 
 from __future__ import annotations
@@ -277,16 +276,16 @@ def run_smc(
     ``sample_stats["log_weight"]`` the particles' normalised log weights (uniform:
     every stage ends with a resampling and a move).
 
+    With ``stream="minibatch"``, runs `probdyn.pyro._fksmc.run_fksmc` instead.
+
     Raises:
-        NotImplementedError: for ``stream="minibatch"``.
         ValueError: for a model with ``param`` sites or without latent sites, or
             NaN/inf in observed data.
     """
     if engine.stream == "minibatch":
-        raise NotImplementedError(
-            "SMC(stream='minibatch') is not available on the Pyro backend yet; use "
-            "backend='numpyro', or stream='tempered' here."
-        )
+        from probdyn.pyro._fksmc import run_fksmc
+
+        return run_fksmc(model, args, kwargs, engine, key)
     seed = as_seed(key)
     targs, tkwargs = to_torch_args(args, kwargs)
     with isolated(seed):
