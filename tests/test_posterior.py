@@ -225,3 +225,37 @@ def test_corrupt_or_missing_file(tmp_path: Path) -> None:
 def test_bad_key() -> None:
     with pytest.raises(TypeError, match="key"):
         probdyn.fit(decay_model, np.arange(4.0), np.ones(4), engine=probdyn.NUTS(5, 5), key="seed")
+
+
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_log_likelihood_at_held_out_observations(backend: str) -> None:
+    from scipy import stats
+
+    from probdyn.testing import linear_regression_data, reference_model
+
+    if backend == "pyro":
+        torch = pytest.importorskip("torch")
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+    try:
+        problem = linear_regression_data()
+        x, y, prior_scale, noise = problem.args
+        model = reference_model("linear_regression", backend)
+        engine = probdyn.VI(num_steps=200, num_draws=20, progress_bar=False)
+        post = probdyn.fit(model, *problem.args, engine=engine, key=0)
+        # At the training data it is the stored pointwise log likelihood.
+        at_train = post.log_likelihood_at(*problem.args)
+        np.testing.assert_allclose(at_train["y"], post.log_likelihood["y"], rtol=1e-6)
+        # At new data it is log N(y_new; x_new w_s, noise) for every draw w_s.
+        rng = np.random.default_rng(5)
+        x_new, y_new = rng.normal(size=(7, x.shape[1])), rng.normal(size=7)
+        ll = post.log_likelihood_at(x_new, y_new, prior_scale, noise)["y"]
+        w = post.samples["w"]  # (1, 20, 3)
+        expected = stats.norm.logpdf(y_new, np.einsum("cdk,nk->cdn", w, x_new), noise)
+        assert ll.shape == (1, 20, 7)
+        np.testing.assert_allclose(ll, expected, rtol=1e-6, atol=1e-8)
+        with pytest.raises(RuntimeError, match="no model attached"):
+            post.with_model(None).log_likelihood_at(x_new, y_new)  # type: ignore[arg-type]
+    finally:
+        if backend == "pyro":
+            torch.set_default_dtype(dtype)
