@@ -26,7 +26,11 @@ def _demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "flags",
-    [("--engine", "nuts"), ("--engine", "vi", "--data", "hare-lynx")],
+    [
+        # NUTS on the neural ODE compiles for about two minutes on 2 cores: end to end.
+        pytest.param(("--engine", "nuts"), marks=pytest.mark.e2e),
+        ("--engine", "vi", "--data", "hare-lynx"),
+    ],
     ids=["nuts-synthetic", "vi-hare-lynx"],
 )
 def test_demo_quick_writes_outputs(tmp_path: Path, flags: tuple[str, ...]) -> None:

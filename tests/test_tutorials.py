@@ -12,6 +12,7 @@ import pytest
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
 def test_tutorial_runs_in_smoke_mode(path: Path, tmp_path: Path) -> None:
     env = {**os.environ, "CI": "true", "MPLBACKEND": "Agg"}
