@@ -239,7 +239,7 @@ def test_log_likelihood_at_held_out_observations(backend: str) -> None:
         torch.set_default_dtype(torch.float64)
     try:
         problem = linear_regression_data()
-        x, y, prior_scale, noise = problem.args
+        x, _, prior_scale, noise = problem.args
         model = reference_model("linear_regression", backend)
         engine = probdyn.VI(num_steps=200, num_draws=20, progress_bar=False)
         post = probdyn.fit(model, *problem.args, engine=engine, key=0)
