@@ -49,7 +49,7 @@ def assemble_posterior(
     """
     if num_failed_solves:
         warnings.warn(
-            f"{num_failed_solves} ODE solve(s) failed during the run (max_steps reached or a "
+            f"{num_failed_solves} ODE/SDE solve(s) failed during the run (max_steps reached or a "
             "non-finite state); those proposals were rejected. See "
             "posterior.attrs['num_failed_solves'].",
             RuntimeWarning,

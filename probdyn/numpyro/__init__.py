@@ -6,5 +6,6 @@ Importing this module imports jax, numpyro, diffrax and equinox. The engines
 
 from probdyn.numpyro._bnn import MLP, BayesianMLP, lift
 from probdyn.numpyro._ode import NeuralODE
+from probdyn.numpyro._sde import NeuralSDE
 
-__all__ = ["MLP", "BayesianMLP", "NeuralODE", "lift"]
+__all__ = ["MLP", "BayesianMLP", "NeuralODE", "NeuralSDE", "lift"]

@@ -20,7 +20,8 @@ signature is identical to its NumPyro twin.
 
 from probdyn.pyro._bnn import MLP, BayesianMLP, lift
 from probdyn.pyro._ode import NeuralODE
+from probdyn.pyro._sde import NeuralSDE
 
-__all__ = ["MLP", "BayesianMLP", "NeuralODE", "lift"]
+__all__ = ["MLP", "BayesianMLP", "NeuralODE", "NeuralSDE", "lift"]
 
 BACKEND_ONLY_KWARGS: dict[str, frozenset[str]] = {}
