@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from probdyn._compare import Comparison, compare
 from probdyn._engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
 from probdyn._fit import fit
 from probdyn._io import load
@@ -27,9 +28,11 @@ __all__ = [
     "SMC",
     "VI",
     "AbstractEngine",
+    "Comparison",
     "Ensemble",
     "Posterior",
     "__version__",
+    "compare",
     "fit",
     "load",
     "register_runner",

@@ -1,4 +1,5 @@
-"""The main job: ``probdyn demo`` in smoke size writes its plot, tables and posterior."""
+"""The main job: ``probdyn demo`` in smoke size writes its plot, tables and posterior;
+``probdyn compare`` writes its table and figure."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import probdyn
+from probdyn._cli import main
 
 
 def _demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -72,3 +75,133 @@ def test_cli_rejects_unknown_engine(tmp_path: Path) -> None:
     result = _demo(tmp_path, "--engine", "smc")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+# -- probdyn compare (in-process: main([...]) shares this process's warnings filter) -----
+
+# In quick demo runs early warmup proposals can leave the ODE's stable region; the
+# runner rejects them with a RuntimeWarning, which is expected here.
+ODE_WARNING = "ignore:.*solve\\(s\\) failed during the run:RuntimeWarning"
+
+
+@pytest.fixture
+def no_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() would otherwise point this test process's JAX at a persistent cache.
+    monkeypatch.setenv("PROBDYN_NO_COMPILATION_CACHE", "1")
+
+
+def _read_outputs(out: Path) -> tuple[pd.DataFrame, str]:
+    for name in ("comparison.md", "comparison.csv", "bands.png"):
+        assert (out / name).stat().st_size > 0, name
+    table = pd.read_csv(out / "comparison.csv", index_col=0, keep_default_na=False)
+    return table, (out / "comparison.md").read_text()
+
+
+# NUTS on the neural ODE compiles for minutes on 2 cores (tests/test_compare.py
+# runs compare on the demo model in the default suite): end to end.
+@pytest.mark.e2e
+@pytest.mark.filterwarnings(ODE_WARNING)
+def test_compare_quick_demo_writes_table_and_bands(
+    tmp_path: Path, no_cache: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["compare", "--quick", "--engines", "nuts,vi", "--out", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    table, markdown = _read_outputs(tmp_path)
+    assert list(table.index) == ["NUTS", "VI"]
+    assert (table["error"] == "").all()
+    assert np.isfinite(table[["nlpd", "crps", "rmse", "coverage_90"]].to_numpy(float)).all()
+    assert table.loc["NUTS", "ess"] != "" and table.loc["VI", "ess"] == ""
+    assert markdown.startswith("|  | engine | backend | draws |")
+    assert "| NUTS | NUTS | numpyro | 30 |" in markdown and "| VI | VI | numpyro | 60 |" in markdown
+    assert markdown in stdout and "wrote" in stdout
+
+
+MODEL_FILE = """
+import numpyro
+import numpyro.distributions as dist
+
+
+def linear(x, y=None, noise=1.0):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(x @ w, noise), obs=y)
+
+
+def with_shift(x, y=None, noise=1.0):  # a param site, which tempered SMC refuses
+    shift = numpyro.param("shift", 0.0)
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(x @ w + shift, noise), obs=y)
+"""
+
+
+def _user_model(tmp_path: Path, **arrays: np.ndarray) -> tuple[str, str]:
+    (tmp_path / "my_model.py").write_text(MODEL_FILE)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2))
+    y = x @ np.array([1.0, -0.5]) + rng.normal(0.0, 0.3, 40)
+    data = {"train_x": x[:30], "train_y": y[:30], "test_x": x[30:], "test_y": y[30:]}
+    data["noise"] = np.array(0.3)  # no prefix: for training and test alike
+    np.savez(tmp_path / "data.npz", **{**data, **arrays})
+    return f"{tmp_path / 'my_model.py'}:linear", str(tmp_path / "data.npz")
+
+
+def test_compare_a_saved_model_and_npz_data(tmp_path: Path, no_cache: None) -> None:
+    model, data = _user_model(tmp_path)
+    out = tmp_path / "out"
+    argv = ["compare", "--model", model, "--data", data, "--engines", "vi,ensemble"]
+    assert main([*argv, "--quick", "--out", str(out)]) == 0
+    table, markdown = _read_outputs(out)
+    assert list(table.index) == ["VI", "Ensemble"]
+    assert (table["error"] == "").all()
+    assert list(table["draws"]) == [60, 4]
+    # Ten held-out points with noise sd 0.3 around a line the fit recovers.
+    assert (table["rmse"].astype(float) < 1.0).all()
+    assert "| Ensemble | Ensemble | numpyro | 4 |" in markdown
+
+
+def test_compare_exits_1_when_an_engine_fails(
+    tmp_path: Path, no_cache: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = _user_model(tmp_path)
+    model = model.replace(":linear", ":with_shift")
+    out = tmp_path / "out"
+    argv = ["compare", "--model", model, "--data", data, "--engines", "smc", "--out", str(out)]
+    assert main(argv) == 1
+    table, _ = _read_outputs(out)  # written all the same
+    assert table.loc["SMC", "error"].startswith("fit failed: ValueError:")
+    assert "param sites ['shift']" in table.loc["SMC", "error"]
+    assert "SMC failed:" in capsys.readouterr().err  # with the traceback
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--engines", "nuts,mcmc"], "unknown engine(s) ['mcmc']"),
+        (["--model", "m.py:f"], "needs --data FILE.npz"),
+        (["--model", "missing.py:f", "--data", "d.npz"], "no file 'missing.py'"),
+        (["--model", "no-function-name", "--data", "d.npz"], "write it as path/to/file.py"),
+        (["--data", "d.npz"], "choose 'synthetic' or 'hare-lynx'"),
+    ],
+)
+def test_compare_rejects_bad_arguments(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    no_cache: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["compare", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_needs_test_observations_in_the_npz(
+    tmp_path: Path, no_cache: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = _user_model(tmp_path)
+    with np.load(data) as f:
+        arrays = {k: f[k] for k in f.files if k != "test_y"}
+    np.savez(data, **arrays)
+    assert main(["compare", "--model", model, "--data", data, "--out", str(tmp_path)]) == 2
+    assert "has no array test_y" in capsys.readouterr().err
