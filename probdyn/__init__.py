@@ -19,6 +19,7 @@ from probdyn._fit import fit
 from probdyn._io import load
 from probdyn._posterior import Posterior
 from probdyn._registry import register_runner
+from probdyn._sbc import SBCResult, sbc
 
 __version__ = "0.1.0"
 
@@ -31,11 +32,13 @@ __all__ = [
     "Comparison",
     "Ensemble",
     "Posterior",
+    "SBCResult",
     "__version__",
     "compare",
     "fit",
     "load",
     "register_runner",
+    "sbc",
 ]
 
 _SUBMODULES = ("numpyro", "pyro", "calibration", "testing", "data")
