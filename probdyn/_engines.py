@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 __all__ = ["HMC", "NUTS", "SMC", "VI", "AbstractEngine", "Ensemble"]
@@ -230,7 +231,11 @@ class VI(AbstractEngine):
 
     Args:
         guide: ``"normal"`` (mean-field), ``"lowrank"`` (low-rank multivariate
-            normal) or ``"flow"`` (inverse autoregressive flow).
+            normal) or ``"flow"`` (inverse autoregressive flow); or a guide function
+            of your own with the model's signature (e.g. an amortised encoder), which
+            must sample every latent site of the model. Its ``param`` sites are fitted
+            with the model's and kept in ``Posterior.params``; ``rank`` and ``init``
+            do not apply to it.
         num_steps: optimisation steps.
         learning_rate: Adam's initial learning rate.
         num_particles: Monte-Carlo samples per ELBO estimate.
@@ -251,7 +256,7 @@ class VI(AbstractEngine):
 
     name: ClassVar[str] = "vi"
 
-    guide: str = "normal"
+    guide: str | Callable[..., Any] = "normal"
     num_steps: int = 5000
     learning_rate: float = 0.01
     num_particles: int = 1
@@ -263,7 +268,14 @@ class VI(AbstractEngine):
 
     def _validate(self) -> None:
         cls = type(self).__name__
-        _check_choice(cls, "guide", self.guide, _GUIDES)
+        if callable(self.guide):
+            if self.init != "median":
+                raise ValueError(
+                    f"{cls}(init={self.init!r}) with a custom guide: init applies to the "
+                    "automatic guides only; a custom guide initialises its own params."
+                )
+        else:
+            _check_choice(cls, "guide", self.guide, _GUIDES)
         _check_positive_int(cls, "num_steps", self.num_steps)
         _check_positive_int(cls, "num_particles", self.num_particles)
         _check_positive_int(cls, "num_draws", self.num_draws)

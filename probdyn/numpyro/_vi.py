@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.infer import SVI, Trace_ELBO, init_to_median, init_to_sample, init_to_value
+from numpyro import handlers
+from numpyro.infer import (
+    SVI,
+    Predictive,
+    Trace_ELBO,
+    init_to_median,
+    init_to_sample,
+    init_to_value,
+)
 from numpyro.infer.autoguide import (
     AutoIAFNormal,
     AutoLowRankMultivariateNormal,
@@ -42,6 +50,44 @@ def _guide(engine: VI, model: Callable[..., Any], start: dict[str, Any] | None) 
     return AutoIAFNormal(model, num_flows=2, init_loc_fn=init)
 
 
+def _check_custom_guide(
+    guide: Callable[..., Any],
+    latent: list[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: jax.Array,
+) -> list[str]:
+    """The guide's own ``param`` sites; raise if it misses a latent site of the model."""
+    found: dict[str, str] = {}
+
+    def probe() -> int:
+        tr = handlers.trace(handlers.seed(guide, key)).get_trace(*args, **kwargs)
+        found.update({n: s["type"] for n, s in tr.items()})
+        return 0
+
+    jax.eval_shape(probe)  # shapes and site names only: nothing is compiled or run
+    missing = [n for n in latent if found.get(n) != "sample"]
+    if missing:
+        raise ValueError(
+            f"VI(guide={guide!r}): the guide does not sample the model's latent site(s) "
+            f"{missing}; a custom guide must sample every latent site of the model."
+        )
+    return [n for n, t in found.items() if t == "param"]
+
+
+def _custom_draws(
+    guide: Callable[..., Any],
+    params: dict[str, Any],
+    latent: list[str],
+    num: int,
+    key: jax.Array,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    predictive = Predictive(guide, params=params, num_samples=num, return_sites=latent)
+    return dict(predictive(key, *args, **kwargs))
+
+
 def _optimise(
     svi: SVI, state: Any, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Any, np.ndarray]:
@@ -71,7 +117,8 @@ def _optimise(
 def run_vi(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
 ) -> Posterior:
-    """Fit an autoguide by SVI; its draws form one chain of ``num_draws`` draws."""
+    """Fit an autoguide (or the user's guide function) by SVI; its draws form one
+    chain of ``num_draws`` draws."""
     rng = as_key(key)
     trace = trace_model(model, args, kwargs, rng)
     observed = check_observed(trace)
@@ -80,7 +127,11 @@ def run_vi(
     if not latent and not model_params:
         raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
     size = sum(int(np.size(trace[n]["value"])) for n in latent)
-    if engine.guide == "flow" and size < 2:
+    custom = callable(engine.guide)
+    guide_params: list[str] = []
+    if callable(engine.guide):
+        guide_params = _check_custom_guide(engine.guide, latent, args, kwargs, rng)
+    elif engine.guide == "flow" and size < 2:
         raise ValueError(
             f"VI(guide='flow') needs at least 2 latent dimensions, but the model has {size}; "
             "use guide='normal' (exact for a one-dimensional Gaussian posterior)."
@@ -88,7 +139,7 @@ def run_vi(
     centre = None
     if engine.init == "map":
         centre, _ = map_estimate(model, args, kwargs, jax.random.fold_in(rng, 2))
-    guide = _guide(engine, model, centre)
+    guide: Any = engine.guide if custom else _guide(engine, model, centre)
     schedule = optax.exponential_decay(
         engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction
     )
@@ -101,7 +152,10 @@ def run_vi(
         state = svi.init(k_init, *args, **kwargs)
         state, losses = _optimise(svi, state, engine, args, kwargs)
         fitted = svi.get_params(state)
-        draws = guide.sample_posterior(k_draw, fitted, sample_shape=(engine.num_draws,))
+        if custom:
+            draws = _custom_draws(guide, fitted, latent, engine.num_draws, k_draw, args, kwargs)
+        else:
+            draws = guide.sample_posterior(k_draw, fitted, sample_shape=(engine.num_draws,))
         draws = jax.block_until_ready(draws)
     wall = time.perf_counter() - start
     return build_posterior(
@@ -111,7 +165,7 @@ def run_vi(
         engine=engine,
         key=key,
         latent={k: jnp.expand_dims(draws[k], 0) for k in latent},
-        params={k: fitted[k] for k in model_params},
+        params={k: fitted[k] for k in [*model_params, *guide_params]},
         observed=observed,
         traces={"loss": losses},
         wall_time=wall,

@@ -93,6 +93,23 @@ def _elbo(
     return Trace_ELBO(num_particles=engine.num_particles, max_plate_nesting=nesting)
 
 
+def _check_custom_guide(
+    guide: Callable[..., Any], latent: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[str]:
+    """The guide's own ``param`` sites; raise if it misses a latent site of the model.
+
+    Runs the guide once (which also creates its params in the run's private store).
+    """
+    found = trace_model(guide, args, kwargs)
+    missing = [n for n in latent if n not in found or found[n]["type"] != "sample"]
+    if missing:
+        raise ValueError(
+            f"VI(guide={guide!r}): the guide does not sample the model's latent site(s) "
+            f"{missing}; a custom guide must sample every latent site of the model."
+        )
+    return [n for n, site in found.items() if site["type"] == "param"]
+
+
 def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]) -> np.ndarray:
     losses = np.empty(engine.num_steps)
     block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
@@ -108,7 +125,8 @@ def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any
 def run_vi(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
 ) -> Posterior:
-    """Fit an autoguide by SVI; its draws form one chain of ``num_draws`` draws.
+    """Fit an autoguide (or the user's guide function) by SVI; its draws form one
+    chain of ``num_draws`` draws.
 
     See the module docstring for how this differs from the NumPyro runner.
     """
@@ -122,7 +140,10 @@ def run_vi(
         if not latent and not model_params:
             raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
         size = sum(int(trace[n]["value"].numel()) for n in latent)
-        if engine.guide == "flow" and size < 2:
+        guide_params: list[str] = []
+        if callable(engine.guide):
+            guide_params = _check_custom_guide(engine.guide, latent, targs, tkwargs)
+        elif engine.guide == "flow" and size < 2:
             raise ValueError(
                 f"VI(guide='flow') needs at least 2 latent dimensions, but the model has {size}; "
                 "use guide='normal' (exact for a one-dimensional Gaussian posterior)."
@@ -133,7 +154,8 @@ def run_vi(
         reset_failed_solves()
         begin = time.perf_counter()
         torch.manual_seed(sub_seed(seed, 0))
-        guide = _guide(engine, model, centre)
+        custom = callable(engine.guide)
+        guide: Any = engine.guide if custom else _guide(engine, model, centre)
         guide(*targs, **tkwargs)  # sets the guide up outside any particle plate
         elbo = _elbo(engine, model, guide, trace, targs, tkwargs)
         optim = adam(engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction)
@@ -141,8 +163,14 @@ def run_vi(
         losses = _optimise(svi, engine, targs, tkwargs)
         torch.manual_seed(sub_seed(seed, 4))
         with torch.no_grad():
-            rows = [guide(*targs, **tkwargs) for _ in range(engine.num_draws)]
+            if custom:
+                traces = [trace_model(guide, targs, tkwargs) for _ in range(engine.num_draws)]
+                rows = [{s: tr[s]["value"] for s in latent} for tr in traces]
+            else:
+                rows = [guide(*targs, **tkwargs) for _ in range(engine.num_draws)]
             fitted = param_sites(trace_model(model, targs, tkwargs))
+            if guide_params:
+                fitted.update(param_sites(trace_model(guide, targs, tkwargs)))
         wall = time.perf_counter() - begin
     return build_posterior(
         model=model,
@@ -151,7 +179,7 @@ def run_vi(
         engine=engine,
         seed=seed,
         latent={s: torch.stack([r[s] for r in rows]).unsqueeze(0) for s in latent},
-        params={k: fitted[k] for k in model_params},
+        params={k: fitted[k] for k in [*model_params, *guide_params]},
         observed=observed,
         traces={"loss": losses},
         wall_time=wall,
