@@ -9,13 +9,9 @@ import pytest
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
+import probdyn
 from probdyn import VI
-from probdyn.numpyro._latent import (
-    LatentODE,
-    fit_latent_ode,
-    latent_ode_posterior,
-    pad_series,
-)
+from probdyn.numpyro._latent import LatentODE, pad_series
 
 
 def spirals(
@@ -167,6 +163,8 @@ def test_mask_removes_points_from_likelihood_and_encoder() -> None:
 
 
 # -- smoke fit on spirals ------------------------------------------------------------------
+# Over a minute on 2 cores (compiling the solve, its gradient and the predictions): e2e.
+@pytest.mark.e2e
 def test_smoke_fit_on_irregular_spirals() -> None:
     # Smoke size of Chen et al.'s protocol: 32 series (not 1000), 30 of 100 points
     # observed, a fixed-step solver and 900 Adam steps; scored against the noise-free
@@ -179,23 +177,15 @@ def test_smoke_fit_on_irregular_spirals() -> None:
         values[i][0, i % 2] = np.nan
     p = pad_series(times, values)
     lode = LatentODE(obs_dim=2, latent_dim=4, obs_scale=0.3, solver="heun", dt0=0.1)
-    fit = fit_latent_ode(
-        lode,
-        p.times,
-        p.values,
-        p.mask,
-        engine=VI(num_steps=900, learning_rate=1e-2, progress_bar=False),
-        key=0,
-        t0=0.0,
+    # Through probdyn.fit, with the encoder as the VI engine's (amortised) guide.
+    engine = VI(
+        guide=lode.guide, num_steps=900, learning_rate=1e-2, num_draws=10, progress_bar=False
     )
-    assert (
-        np.isnan(p.values).any()
-        and np.all(np.isfinite(fit.losses))
-        and fit.losses[-50:].mean() < fit.losses[:50].mean()
-    )
-    post = latent_ode_posterior(
-        lode, fit, p.times, p.values, p.mask, engine=VI(num_draws=10), key=1, t0=0.0
-    )
+    post = probdyn.fit(lode.model, p.times, p.values, p.mask, t0=0.0, engine=engine, key=0)
+    losses = post.traces["loss"]
+    assert np.isnan(p.values).any() and np.all(np.isfinite(losses))
+    assert losses[-50:].mean() < losses[:50].mean()
+    assert any(name.startswith("latent.encoder") for name in post.params)  # the guide's
     assert post.samples["latent.z0"].shape == (1, 10, 32, 4)
     assert np.all(np.isfinite(post.log_likelihood["latent.y"]))
     pred = post.predict(
@@ -208,7 +198,9 @@ def test_smoke_fit_on_irregular_spirals() -> None:
     rec, ext = rmse(mean[:, :100], truth[:, :100]), rmse(mean[:, 100:], truth[:, 100:])
     rec_base, ext_base = rmse(last, truth[:, :100]), rmse(last, truth[:, 100:])
     print(f"spirals: rec {rec:.3f} (baseline {rec_base:.3f}), ext {ext:.3f} ({ext_base:.3f})")
-    # Measured (seeded, CPU): rec 0.111 vs 1.955, ext 1.347 vs 2.406. Smoke size learns
+    # Measured (seeded, CPU, under the test suite's settings): rec 0.114 vs 1.955, ext
+    # 1.403 vs 2.406 (with the analytic-KL ELBO of an earlier, separate fitting function:
+    # 0.111 and 1.347). Smoke size learns
     # the dynamics from 32 series only; extrapolation improves with more series.
     assert rec < 0.25 * rec_base
     assert ext < 0.75 * ext_base

@@ -16,14 +16,18 @@ it) and the encoder skips time points with no observed entry. Network weights ar
 ``numpyro.param`` sites: the ODE field and decoder in the model, the encoder in the
 guide.
 
-`probdyn.VI` fits only autoguides, so `fit_latent_ode` runs NumPyro's SVI on the
-model/guide pair directly with the same optimiser settings as `probdyn.VI`.
+Fit it with the ``VI`` engine and the encoder as the guide::
+
+    post = probdyn.fit(lode.model, times, values, mask, t0=0.0,
+                       engine=probdyn.VI(guide=lode.guide, num_steps=...))
+
+then forecast or interpolate with ``post.predict(times, values, mask, t0=0.0,
+target_times=new_times, sites=["latent.forecast"])``.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -33,28 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
 from jaxtyping import Array, ArrayLike, Float
-from numpyro.infer import SVI, Predictive, TraceMeanField_ELBO
-from numpyro.optim import optax_to_numpyro
+from numpyro.infer import Predictive
 
-from probdyn._engines import VI
-from probdyn._posterior import Posterior
 from probdyn.numpyro._bnn import ACTIVATIONS, MLP, _init_mlp, lift
-from probdyn.numpyro._build import build_posterior
-from probdyn.numpyro._ode import NeuralODE, _concrete, reset_failed_solves
-from probdyn.numpyro._timing import CompileTimer
+from probdyn.numpyro._ode import NeuralODE, _concrete
 from probdyn.numpyro._util import as_key
-from probdyn.numpyro._vi import _optimise
 
-__all__ = [
-    "LatentODE",
-    "LatentODEFit",
-    "PaddedSeries",
-    "fit_latent_ode",
-    "latent_ode_posterior",
-    "pad_series",
-]
+__all__ = ["LatentODE", "PaddedSeries", "pad_series"]
 
 _WEIGHTS = dist.Normal(0.0, 1.0)  # unused by param sites; `lift` needs a prior argument
 
@@ -453,133 +443,3 @@ def _call_field(t: Any, z: Any, field: Callable[[Array], Array]) -> Any:
 
 
 # -- fitting ----------------------------------------------------------------------------------
-class LatentODEFit(NamedTuple):
-    """The result of `fit_latent_ode`.
-
-    Attributes:
-        params: every fitted ``param`` site (field, decoder and encoder weights).
-        losses: the negative ELBO at each step ``(num_steps,)``.
-        wall_time: seconds spent (compilation included).
-        compile_time: of which tracing and compiling.
-    """
-
-    params: dict[str, np.ndarray]
-    losses: np.ndarray
-    wall_time: float
-    compile_time: float
-
-
-def fit_latent_ode(
-    latent_ode: LatentODE,
-    times: ArrayLike,
-    values: ArrayLike,
-    mask: ArrayLike | None = None,
-    *,
-    engine: VI | None = None,
-    key: Any = 0,
-    t0: Any = None,
-) -> LatentODEFit:
-    """Fit a `LatentODE` by SVI with its amortised guide (analytic KL for ``z0``).
-
-    Uses ``engine``'s ``num_steps``, ``learning_rate``, ``final_learning_rate_fraction``,
-    ``num_particles`` and ``progress_bar`` exactly as `probdyn.VI` does (Adam with
-    an exponentially decaying learning rate); its ``guide``, ``rank``, ``init`` and
-    ``num_draws`` do not apply (the guide is the encoder). Full batch.
-
-    Args:
-        latent_ode: the model.
-        times, values, mask: the batch (see `LatentODE`).
-        engine: a `probdyn.VI` config (default ``VI()``).
-        key: an int seed or a JAX key.
-        t0: the latent ODE's start (default: the earliest time).
-
-    Returns:
-        A `LatentODEFit`.
-
-    Example:
-        >>> fit = fit_latent_ode(lode, p.times, p.values, p.mask,
-        ...                      engine=probdyn.VI(num_steps=500))  # doctest: +SKIP
-    """
-    engine = VI() if engine is None else engine
-    if not isinstance(engine, VI):
-        raise TypeError(f"fit_latent_ode(engine={engine!r}): give a probdyn.VI config.")
-    schedule = optax.exponential_decay(
-        engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction
-    )
-    svi = SVI(
-        latent_ode.model,
-        latent_ode.guide,
-        optax_to_numpyro(optax.adam(schedule)),
-        TraceMeanField_ELBO(num_particles=engine.num_particles),
-    )
-    args = (jnp.asarray(times), jnp.asarray(values), None if mask is None else jnp.asarray(mask))
-    kwargs = {"t0": t0}
-    reset_failed_solves()
-    start = time.perf_counter()
-    with CompileTimer() as timer:
-        state = svi.init(as_key(key), *args, **kwargs)
-        state, losses = _optimise(svi, state, engine, args, kwargs)
-        params = {k: np.asarray(v) for k, v in svi.get_params(state).items()}
-    return LatentODEFit(params, losses, time.perf_counter() - start, timer.seconds)
-
-
-def latent_ode_posterior(
-    latent_ode: LatentODE,
-    fit: LatentODEFit,
-    times: ArrayLike,
-    values: ArrayLike,
-    mask: ArrayLike | None = None,
-    *,
-    engine: VI | None = None,
-    key: Any = 0,
-    t0: Any = None,
-) -> Posterior:
-    """A `Posterior` of the fitted series: ``z0`` drawn from the amortised guide.
-
-    ``engine.num_draws`` draws of ``z0`` per series (layout ``(1, num_draws, B,
-    latent_dim)``); the field and decoder weights are the posterior's params (the
-    encoder's stay in ``fit.params``). Its ``predict(times, values, mask,
-    target_times=new_times, sites=[f"{name}.forecast"])`` interpolates or
-    extrapolates these series at new times; for series not seen in fitting use
-    `LatentODE.predict`, which encodes them.
-
-    Args:
-        latent_ode: the fitted model.
-        fit: the result of `fit_latent_ode`.
-        times, values, mask: the batch it was fitted to.
-        engine: the `probdyn.VI` config used in fitting (recorded; default ``VI()``).
-        key: an int seed or a JAX key.
-        t0: the latent ODE's start used in fitting.
-
-    Returns:
-        A `Posterior` with the loss trace in ``traces["loss"]``.
-
-    Example:
-        >>> post = latent_ode_posterior(lode, fit, p.times, p.values, p.mask)  # doctest: +SKIP
-        >>> post.predict(p.times, p.values, p.mask, target_times=t_new,
-        ...              sites=["latent.forecast"])  # doctest: +SKIP
-    """
-    engine = VI() if engine is None else engine
-    args = (jnp.asarray(times), jnp.asarray(values), None if mask is None else jnp.asarray(mask))
-    kwargs = {"t0": t0}
-    _, vals, m, _ = latent_ode._data(*args, t0)
-    assert vals is not None
-    rng = as_key(key)
-    draws = Predictive(latent_ode.guide, params=fit.params, num_samples=engine.num_draws)(
-        rng, *args, **kwargs
-    )
-    name = latent_ode.name
-    encoder = f"{name}.encoder."
-    return build_posterior(
-        model=latent_ode.model,
-        args=args,
-        kwargs=kwargs,
-        engine=engine,
-        key=key,
-        latent={f"{name}.z0": jnp.expand_dims(draws[f"{name}.z0"], 0)},
-        params={k: v for k, v in fit.params.items() if not k.startswith(encoder)},
-        observed={f"{name}.y": np.asarray(jnp.where(m, vals, 0.0))},
-        traces={"loss": fit.losses},
-        wall_time=fit.wall_time,
-        compile_time=fit.compile_time,
-    )
