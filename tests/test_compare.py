@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,7 +13,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy import stats
 
 import probdyn
@@ -56,16 +54,7 @@ ALWAYS += ["coverage_90", "coverage_95", "width_90", "score_time"]
 ODE_WARNING = "ignore:.*solve\\(s\\) failed during the run:RuntimeWarning"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_float64_one_thread() -> Iterator[None]:
-    # As in test_conformance: float64 for the Pyro test, one intra-op thread on
-    # a shared 2-core machine.
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
 
 def _split(n_train: int = 30, n_test: int = 10) -> dict[str, Any]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 import probdyn
 from probdyn.testing import (
@@ -144,18 +142,7 @@ def _cases() -> list:
     return cases
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_float64_one_thread() -> Iterator[None]:
-    # float64 on both backends (conftest enables it for NumPyro); the Pyro runner
-    # converts NumPy data to torch's default dtype. One intra-op thread: these
-    # models are tiny, and on a shared 2-core machine a second OpenMP thread makes
-    # small linear algebra (a 3x3 Cholesky) hundreds of times slower.
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
 
 @functools.cache

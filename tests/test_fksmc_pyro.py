@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,15 +36,7 @@ from probdyn.testing import (
 NORMAL = reference_model("normal", "pyro")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_float64_one_thread() -> Iterator[None]:
-    # float64 for accuracy; one intra-op thread (tiny models on a shared machine).
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
 
 def _smc(**kw: Any) -> probdyn.SMC:

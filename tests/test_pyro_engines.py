@@ -7,7 +7,6 @@ this file checks what is specific to the Pyro backend.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +36,7 @@ def partial_bnn(x, y=None):
         pyro.sample("y", dist.Normal(mean, sigma), obs=y)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_float64_one_thread() -> Iterator[None]:
-    # float64 as in every accuracy test; one thread because these models are tiny
-    # and the test machine's cores are shared (see test_conformance.py).
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
 
 VI_ENGINE = probdyn.VI(num_steps=300, num_draws=50, learning_rate=0.02, progress_bar=False)

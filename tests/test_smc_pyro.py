@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -50,15 +49,7 @@ PROBLEMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_float64_one_thread() -> Iterator[None]:
-    # float64 for accuracy; one intra-op thread (tiny models on a shared machine).
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
 
 def _fit(model: Any, args: tuple[Any, ...], engine: probdyn.SMC, key: Any = 0) -> Any:
