@@ -110,7 +110,7 @@ def test_failed_solve_gives_minus_infinity_log_density() -> None:
 def test_failed_solves_are_rejected_counted_and_reported() -> None:
     times = np.linspace(0.0, 2.0, 5)
     y = 1.0 / (1.0 + 0.3 * times)  # the solution for k = -0.3
-    with pytest.warns(RuntimeWarning, match="ODE solve"):
+    with pytest.warns(RuntimeWarning, match="ODE/SDE solve"):
         post = probdyn.fit(
             exploding_model,
             times,
