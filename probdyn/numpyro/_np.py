@@ -1,10 +1,12 @@
-"""Conditional neural process (Garnelo et al. 2018) as a NumPyro model primitive.
+"""Neural processes (Garnelo et al. 2018a,b; Kim et al. 2019) as NumPyro model primitives.
 
-`ConditionalNP` is called inside a model: it registers the encoder and decoder weights as
-``param`` sites and returns an equinox module that maps a (padded, masked) context set and
-target inputs to a per-point Gaussian predictive. `conditional_np_model` is the NumPyro model
-over a batch of tasks (its observed site is ``"y"``), and `train_np` fits its params by
-maximum likelihood across task batches with optax.
+`ConditionalNP` (mean-pooled), `AttentiveNP` (cross-attention) and `LatentNP` (global latent
+``z``) are called inside a model: they register their weights as ``param`` sites and return an
+equinox module that maps a (padded, masked) context set and target inputs to a per-point
+Gaussian predictive. `conditional_np_model`, `attentive_np_model` and `latent_np_model` are
+NumPyro models over a batch of tasks (observed site ``"y"``; the latent model also has the
+sample site ``"z"``, and `latent_np_guide` is its amortised guide). `train_np` fits their params
+across task batches with optax, by maximum likelihood or, given a guide, by the NP ELBO.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpyro.distributions as dist
 import optax
 from jaxtyping import Array, Float
 from numpyro import handlers
+from numpyro.infer import TraceMeanField_ELBO
 from numpyro.infer.util import log_density
 from tqdm.auto import tqdm
 
@@ -30,10 +33,17 @@ from probdyn.numpyro._bnn import ACTIVATIONS, MLP, Linear
 from probdyn.numpyro._util import as_key
 
 __all__ = [
+    "ANP",
     "CNP",
+    "LNP",
+    "AttentiveNP",
     "ConditionalNP",
+    "LatentNP",
     "NPTrainResult",
+    "attentive_np_model",
     "conditional_np_model",
+    "latent_np_guide",
+    "latent_np_model",
     "predict_np",
     "train_np",
 ]
@@ -41,11 +51,30 @@ __all__ = [
 TASK_FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")
 
 
+def _masked_mean(h: Array, mask: Array) -> Array:
+    """Mean of ``h (..., n, d)`` over the points where ``mask (..., n)`` is True."""
+    w = jnp.asarray(mask, h.dtype)[..., None]
+    # max(., 1) keeps an empty set finite (the mean is 0 then).
+    return jnp.sum(w * h, axis=-2) / jnp.maximum(jnp.sum(w, axis=-2), 1.0)
+
+
+def _per_target(r: Array, x_target: Array) -> Array:
+    """A per-task vector ``(..., d)`` repeated for every target point: ``(..., n_t, d)``."""
+    return jnp.broadcast_to(r[..., None, :], (*x_target.shape[:-1], r.shape[-1]))
+
+
 class CNP(eqx.Module):
     """A conditional neural process with this run's weights (see `ConditionalNP`).
 
     ``r = mean_{i in context} encoder([x_i, y_i])``; ``[mu, raw] = decoder([x*, r])``;
     predictive ``N(mu, sd^2)`` with ``sd = min_sd + (1 - min_sd) softplus(raw)``.
+
+    Example:
+        >>> from numpyro import handlers
+        >>> with handlers.seed(rng_seed=0):
+        ...     cnp = ConditionalNP("cnp", hidden=8)
+        >>> isinstance(cnp, CNP), cnp.min_sd
+        (True, 0.1)
     """
 
     encoder: MLP
@@ -60,10 +89,7 @@ class CNP(eqx.Module):
         x_target: Float[Array, "batch n_t x_dim"],
     ) -> tuple[Float[Array, "batch n_t y_dim"], Float[Array, "batch n_t y_dim"]]:
         h = self.encoder(jnp.concatenate([x_context, y_context], axis=-1))
-        w = jnp.asarray(mask_context, h.dtype)[..., None]
-        # Masked mean pool; max(., 1) keeps an empty context finite (r = 0 then).
-        r = jnp.sum(w * h, axis=-2) / jnp.maximum(jnp.sum(w, axis=-2), 1.0)
-        r = jnp.broadcast_to(r[..., None, :], (*x_target.shape[:-1], r.shape[-1]))
+        r = _per_target(_masked_mean(h, mask_context), x_target)
         out = self.decoder(jnp.concatenate([x_target, r], axis=-1))
         mean, raw = jnp.split(out, 2, axis=-1)
         return mean, self.min_sd + (1.0 - self.min_sd) * jax.nn.softplus(raw)
@@ -82,6 +108,19 @@ def _param_mlp(name: str, sizes: Sequence[int], activation: Callable[[Array], Ar
         bias = numpyro.param(f"{name}.layers.{i}.bias", jnp.zeros(n_out))
         layers.append(Linear(weight, bias))
     return MLP(tuple(layers), activation)
+
+
+def _check_np_args(
+    fn: str, sizes: dict[str, int], min_sd: float, activation: str
+) -> Callable[[Array], Array]:
+    for arg, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{fn}({arg}={value!r}): must be a positive int.")
+    if not 0.0 < min_sd < 1.0:
+        raise ValueError(f"{fn}(min_sd={min_sd!r}): must lie in (0, 1), e.g. 0.1.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}(activation={activation!r}): choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[activation]
 
 
 def ConditionalNP(
@@ -133,16 +172,7 @@ def ConditionalNP(
     """
     sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden}
     sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
-    for arg, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"ConditionalNP({arg}={value!r}): must be a positive int.")
-    if not 0.0 < min_sd < 1.0:
-        raise ValueError(f"ConditionalNP(min_sd={min_sd!r}): must lie in (0, 1), e.g. 0.1.")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"ConditionalNP(activation={activation!r}): choose one of {sorted(ACTIVATIONS)}."
-        )
-    act = ACTIVATIONS[activation]
+    act = _check_np_args("ConditionalNP", sizes, min_sd, activation)
     encoder = _param_mlp(f"{name}.encoder", [x_dim + y_dim] + [hidden] * encoder_depth, act)
     decoder = _param_mlp(
         f"{name}.decoder", [x_dim + hidden] + [hidden] * decoder_depth + [2 * y_dim], act
@@ -189,6 +219,375 @@ def conditional_np_model(
         numpyro.sample("y", dist.Normal(mean, sd), obs=y_target)
 
 
+class ANP(eqx.Module):
+    """An attentive neural process with this run's weights (see `AttentiveNP`).
+
+    ``v_i = encoder([x_i, y_i])``, ``k_i = key_query(x_i)`` over the context,
+    ``q_j = key_query(x*_j)``; ``r_j = MultiHead(q_j, k, v)``, masked to the real context
+    points; ``[mu, raw] = decoder([x*_j, r_j])``, ``sd = min_sd + (1 - min_sd) softplus(raw)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> with handlers.seed(rng_seed=0):
+        ...     anp = AttentiveNP("a1", hidden=8, num_heads=2)
+        >>> anp.attend(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)),
+        ...            jnp.zeros((2, 7, 1))).shape
+        (2, 7, 8)
+    """
+
+    encoder: MLP
+    key_query: MLP
+    query: MLP
+    key: MLP
+    value: MLP
+    output: MLP
+    decoder: MLP
+    num_heads: int = eqx.field(static=True)
+    min_sd: float = eqx.field(static=True)
+
+    def attend(
+        self,
+        x_context: Float[Array, "batch n_c x_dim"],
+        y_context: Float[Array, "batch n_c y_dim"],
+        mask_context: Float[Array, "batch n_c"],
+        x_target: Float[Array, "batch n_t x_dim"],
+    ) -> Float[Array, "batch n_t hidden"]:
+        """The per-target representation ``r``: multi-head cross-attention to the context."""
+        v = self.value(self.encoder(jnp.concatenate([x_context, y_context], axis=-1)))
+        k = self.key(self.key_query(x_context))
+        q = self.query(self.key_query(x_target))
+        heads = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
+        q, k, v = heads(q), heads(k), heads(v)  # (..., n, heads, d)
+        logits = jnp.einsum("...thd,...chd->...htc", q, k) / np.sqrt(q.shape[-1])
+        mask = jnp.asarray(mask_context, bool)[..., None, None, :]
+        # Softmax over the real context points only; a finite fill (not -inf) keeps the
+        # gradient finite, and an empty context gives all-zero weights (r = output bias).
+        logits = jnp.where(mask, logits, -1e30)
+        e = jnp.where(mask, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
+        w = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+        r = jnp.einsum("...htc,...chd->...thd", w, v)
+        return self.output(r.reshape(*r.shape[:-2], -1))
+
+    def __call__(
+        self,
+        x_context: Float[Array, "batch n_c x_dim"],
+        y_context: Float[Array, "batch n_c y_dim"],
+        mask_context: Float[Array, "batch n_c"],
+        x_target: Float[Array, "batch n_t x_dim"],
+    ) -> tuple[Float[Array, "batch n_t y_dim"], Float[Array, "batch n_t y_dim"]]:
+        r = self.attend(x_context, y_context, mask_context, x_target)
+        mean, raw = jnp.split(self.decoder(jnp.concatenate([x_target, r], axis=-1)), 2, axis=-1)
+        return mean, self.min_sd + (1.0 - self.min_sd) * jax.nn.softplus(raw)
+
+
+def AttentiveNP(
+    name: str,
+    *,
+    x_dim: int = 1,
+    y_dim: int = 1,
+    hidden: int = 128,
+    num_heads: int = 8,
+    encoder_depth: int = 3,
+    decoder_depth: int = 2,
+    min_sd: float = 0.1,
+    activation: str = "relu",
+) -> ANP:
+    """An attentive (conditional) neural process with ``param``-site weights; call in a model.
+
+    The deterministic path of Kim et al. (2019) in the form of juho-lee/bnp's CANP, without
+    self-attention, residual connections or layer norm: values ``encoder([x_i, y_i])`` (an MLP
+    ``[x_dim + y_dim, hidden x encoder_depth]``); keys and queries from one MLP
+    ``key_query = [x_dim, hidden, hidden]`` on the context and target inputs; ``num_heads``-head
+    scaled dot-product attention with linear maps ``query``, ``key``, ``value`` and ``output``
+    (``hidden -> hidden``), masked to the real context points; and the decoder of
+    `ConditionalNP` on ``[x*, r(x*)]``. Attention lets the prediction at ``x*`` weigh the nearby
+    context points, the fix Kim et al. give for the CNP's underfitting of its own context.
+    There is no latent path (yet). Sites are ``f"{name}.{part}.layers.{i}.weight"`` (and
+    ``.bias``) for part in ``encoder``, ``key_query``, ``attention.query``, ``attention.key``,
+    ``attention.value``, ``attention.output``, ``decoder``.
+
+    Args:
+        name: prefix of the site names.
+        x_dim, y_dim: input and output dimensions.
+        hidden: width of every hidden layer and of the representation ``r``.
+        num_heads: number of attention heads; must divide ``hidden``.
+        encoder_depth, decoder_depth: number of hidden layers of the value encoder and decoder.
+        min_sd: floor of the predictive sd, in ``(0, 1)``.
+        activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
+
+    Returns:
+        An `ANP`; ``anp(x_c, y_c, mask_c, x_t)`` returns ``(mean, sd)``, each
+        ``(batch, n_t, y_dim)``.
+
+    Raises:
+        ValueError: for a non-positive size, ``num_heads`` not dividing ``hidden``, ``min_sd``
+            outside ``(0, 1)`` or an unknown activation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> with handlers.seed(rng_seed=0):
+        ...     anp = AttentiveNP("anp", hidden=16, num_heads=4)
+        >>> mean, sd = anp(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)),
+        ...                jnp.zeros((2, 7, 1)))
+        >>> mean.shape, bool((sd >= 0.1).all())
+        ((2, 7, 1), True)
+    """
+    sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden, "num_heads": num_heads}
+    sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
+    act = _check_np_args("AttentiveNP", sizes, min_sd, activation)
+    if hidden % num_heads:
+        raise ValueError(
+            f"AttentiveNP(num_heads={num_heads!r}): must divide hidden={hidden!r}, e.g. "
+            "num_heads=8 with hidden=128."
+        )
+    encoder = _param_mlp(f"{name}.encoder", [x_dim + y_dim] + [hidden] * encoder_depth, act)
+    key_query = _param_mlp(f"{name}.key_query", [x_dim, hidden, hidden], act)
+    linear = {
+        part: _param_mlp(f"{name}.attention.{part}", [hidden, hidden], act)
+        for part in ("query", "key", "value", "output")
+    }
+    decoder = _param_mlp(
+        f"{name}.decoder", [x_dim + hidden] + [hidden] * decoder_depth + [2 * y_dim], act
+    )
+    return ANP(
+        encoder, key_query, decoder=decoder, num_heads=num_heads, min_sd=float(min_sd), **linear
+    )
+
+
+def attentive_np_model(
+    x_context: Array,
+    y_context: Array,
+    mask_context: Array,
+    x_target: Array,
+    y_target: Array | None = None,
+    mask_target: Array | None = None,
+    **anp_options: Any,
+) -> None:
+    """A NumPyro model over a batch of tasks: an `AttentiveNP` named ``"anp"`` and site ``"y"``.
+
+    As `conditional_np_model` with the attentive network: ``y ~ Normal(mean, sd)`` per target
+    point, masked by ``mask_target``, deterministic sites ``"mean"`` and ``"sd"``; train it by
+    maximum likelihood with `train_np`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> tr = handlers.trace(handlers.seed(attentive_np_model, 0)).get_trace(
+        ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
+        ...     hidden=8, num_heads=2)
+        >>> tr["y"]["value"].shape
+        (2, 7, 1)
+    """
+    anp = AttentiveNP("anp", **anp_options)
+    mean, sd = anp(x_context, y_context, mask_context, x_target)
+    numpyro.deterministic("mean", mean)
+    numpyro.deterministic("sd", sd)
+    mask = jnp.ones(mean.shape[:-1], bool) if mask_target is None else jnp.asarray(mask_target)
+    with handlers.mask(mask=mask[..., None]):
+        numpyro.sample("y", dist.Normal(mean, sd), obs=y_target)
+
+
+class LNP(eqx.Module):
+    """A latent neural process with this run's weights (see `LatentNP`).
+
+    Latent path: ``s = mean_{i in set} latent_encoder([x_i, y_i])``,
+    ``[m, raw] = latent_head(s)``, ``z ~ N(m, diag(0.1 + 0.9 sigmoid(raw))^2)``. Deterministic
+    path (optional): ``r = mean_{i in context} deterministic_encoder([x_i, y_i])``. Decoder:
+    ``[mu, raw] = decoder([x*, r, z])`` and ``sd = min_sd + (1 - min_sd) softplus(raw)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> with handlers.seed(rng_seed=0):
+        ...     lnp = LatentNP("l1", hidden=8, latent_dim=3)
+        >>> loc, scale = lnp.latent(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)))
+        >>> loc.shape, bool((scale >= 0.1).all())
+        ((2, 3), True)
+    """
+
+    latent_encoder: MLP
+    latent_head: MLP
+    deterministic_encoder: MLP | None
+    decoder: MLP
+    min_sd: float = eqx.field(static=True)
+
+    def latent(
+        self,
+        x: Float[Array, "batch n x_dim"],
+        y: Float[Array, "batch n y_dim"],
+        mask: Float[Array, "batch n"],
+    ) -> tuple[Float[Array, "batch latent"], Float[Array, "batch latent"]]:
+        """Location and scale of the Gaussian over ``z`` given the masked set ``(x, y)``."""
+        s = _masked_mean(self.latent_encoder(jnp.concatenate([x, y], axis=-1)), mask)
+        loc, raw = jnp.split(self.latent_head(s), 2, axis=-1)
+        # The 0.1 floor on the latent scale follows juho-lee/bnp and the DeepMind NP notebook.
+        return loc, 0.1 + 0.9 * jax.nn.sigmoid(raw)
+
+    def __call__(
+        self,
+        x_context: Float[Array, "batch n_c x_dim"],
+        y_context: Float[Array, "batch n_c y_dim"],
+        mask_context: Float[Array, "batch n_c"],
+        x_target: Float[Array, "batch n_t x_dim"],
+        z: Float[Array, "batch latent"],
+    ) -> tuple[Float[Array, "batch n_t y_dim"], Float[Array, "batch n_t y_dim"]]:
+        parts = [x_target]
+        if self.deterministic_encoder is not None:
+            h = self.deterministic_encoder(jnp.concatenate([x_context, y_context], axis=-1))
+            parts.append(_per_target(_masked_mean(h, mask_context), x_target))
+        parts.append(_per_target(z, x_target))
+        mean, raw = jnp.split(self.decoder(jnp.concatenate(parts, axis=-1)), 2, axis=-1)
+        return mean, self.min_sd + (1.0 - self.min_sd) * jax.nn.softplus(raw)
+
+
+def LatentNP(
+    name: str,
+    *,
+    x_dim: int = 1,
+    y_dim: int = 1,
+    hidden: int = 128,
+    latent_dim: int = 128,
+    encoder_depth: int = 3,
+    decoder_depth: int = 2,
+    deterministic_path: bool = True,
+    min_sd: float = 0.1,
+    activation: str = "relu",
+) -> LNP:
+    """A latent neural process whose weights are ``param`` sites; call inside a model.
+
+    The NP of Garnelo et al. (2018b) as in juho-lee/bnp: a global latent ``z`` whose Gaussian
+    is amortised by a set encoder (an MLP ``[x_dim + y_dim, hidden x encoder_depth]``, a masked
+    mean pool and a head ``[hidden, hidden, 2 latent_dim]``; scale ``0.1 + 0.9 sigmoid(raw)``),
+    an optional deterministic mean-pooled path as in `ConditionalNP`, and a decoder MLP
+    ``[x_dim + hidden + latent_dim, hidden x decoder_depth, 2 y_dim]`` (without the
+    deterministic path its input is ``x_dim + latent_dim``). Sites are
+    ``f"{name}.latent_encoder.layers.{i}.weight"`` (and ``.bias``), likewise for
+    ``latent_head``, ``deterministic_encoder`` and ``decoder``.
+
+    Args:
+        name: prefix of the site names.
+        x_dim, y_dim: input and output dimensions.
+        hidden: width of every hidden layer and of the representation ``r``.
+        latent_dim: dimension of ``z``.
+        encoder_depth, decoder_depth: number of hidden layers of the set encoders and of the
+            decoder.
+        deterministic_path: also condition the decoder on a mean-pooled ``r`` of the context.
+        min_sd: floor of the predictive sd, in ``(0, 1)``.
+        activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
+
+    Returns:
+        An `LNP`: ``lnp.latent(x, y, mask)`` gives the ``(loc, scale)`` of ``z`` given a set,
+        and ``lnp(x_c, y_c, mask_c, x_t, z)`` the predictive ``(mean, sd)``, each
+        ``(batch, n_t, y_dim)``.
+
+    Raises:
+        ValueError: for a non-positive size, ``min_sd`` outside ``(0, 1)`` or an unknown
+            activation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> with handlers.seed(rng_seed=0):
+        ...     lnp = LatentNP("lnp", hidden=16, latent_dim=4)
+        >>> loc, scale = lnp.latent(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)))
+        >>> mean, sd = lnp(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)),
+        ...                jnp.zeros((2, 7, 1)), loc)
+        >>> loc.shape, mean.shape
+        ((2, 4), (2, 7, 1))
+    """
+    sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden, "latent_dim": latent_dim}
+    sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
+    act = _check_np_args("LatentNP", sizes, min_sd, activation)
+    set_sizes = [x_dim + y_dim] + [hidden] * encoder_depth
+    latent_encoder = _param_mlp(f"{name}.latent_encoder", set_sizes, act)
+    latent_head = _param_mlp(f"{name}.latent_head", [hidden, hidden, 2 * latent_dim], act)
+    det = (
+        _param_mlp(f"{name}.deterministic_encoder", set_sizes, act) if deterministic_path else None
+    )
+    n_in = x_dim + latent_dim + (hidden if deterministic_path else 0)
+    decoder = _param_mlp(f"{name}.decoder", [n_in] + [hidden] * decoder_depth + [2 * y_dim], act)
+    return LNP(latent_encoder, latent_head, det, decoder, float(min_sd))
+
+
+def latent_np_model(
+    x_context: Array,
+    y_context: Array,
+    mask_context: Array,
+    x_target: Array,
+    y_target: Array | None = None,
+    mask_target: Array | None = None,
+    **lnp_options: Any,
+) -> None:
+    """A NumPyro model over a batch of tasks: a `LatentNP` named ``"lnp"``, latent ``"z"``, ``"y"``.
+
+    ``z ~ p(z | context)`` (site ``"z"``, ``(batch, latent_dim)``, the context-amortised
+    Gaussian of `LNP.latent`), then ``y ~ Normal(mean, sd)`` independently per target point
+    given ``z``, masked by ``mask_target``; deterministic sites ``"mean"`` and ``"sd"``. Pair
+    it with `latent_np_guide` (``q(z | context and targets)``) in `train_np`: the loss is then
+    the NP ELBO of Garnelo et al. (2018b),
+    ``-E_q[log p(y_T | z)] + KL(q(z | T) || p(z | C))`` per target point.
+
+    Args:
+        x_context, y_context, mask_context, x_target: the conditioning set and target inputs.
+        y_target: observed target values, or None to sample them.
+        mask_target: which target slots are real (default all).
+        **lnp_options: passed to `LatentNP` (e.g. ``hidden=64``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> tr = handlers.trace(handlers.seed(latent_np_model, 0)).get_trace(
+        ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
+        ...     hidden=8, latent_dim=3)
+        >>> tr["z"]["value"].shape, tr["y"]["value"].shape
+        ((2, 3), (2, 7, 1))
+    """
+    lnp = LatentNP("lnp", **lnp_options)
+    loc, scale = lnp.latent(x_context, y_context, mask_context)
+    z = numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    mean, sd = lnp(x_context, y_context, mask_context, x_target, z)
+    numpyro.deterministic("mean", mean)
+    numpyro.deterministic("sd", sd)
+    mask = jnp.ones(mean.shape[:-1], bool) if mask_target is None else jnp.asarray(mask_target)
+    with handlers.mask(mask=mask[..., None]):
+        numpyro.sample("y", dist.Normal(mean, sd), obs=y_target)
+
+
+def latent_np_guide(
+    x_context: Array,
+    y_context: Array,
+    mask_context: Array,
+    x_target: Array,
+    y_target: Array | None = None,
+    mask_target: Array | None = None,
+    **lnp_options: Any,
+) -> None:
+    """The amortised guide of `latent_np_model`: ``z ~ q(z | targets)``, sharing its weights.
+
+    The set encoder of the model's `LatentNP` applied to the targets (which include the
+    contexts in a `probdyn.data.GPTaskBatch`); without ``y_target`` (prediction) it falls back
+    to the context, so the guide is then the model's ``p(z | context)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> tr = handlers.trace(handlers.seed(latent_np_guide, 0)).get_trace(
+        ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
+        ...     jnp.ones((2, 7, 1)), hidden=8, latent_dim=3)
+        >>> tr["z"]["value"].shape
+        (2, 3)
+    """
+    lnp = LatentNP("lnp", **lnp_options)
+    if y_target is None:
+        loc, scale = lnp.latent(x_context, y_context, mask_context)
+    else:
+        mask = jnp.ones(y_target.shape[:-1], bool) if mask_target is None else mask_target
+        loc, scale = lnp.latent(x_target, y_target, mask)
+    numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
 @dataclasses.dataclass(frozen=True)
 class NPTrainResult:
     """Trained params of a neural-process model and the loss trace.
@@ -196,6 +595,11 @@ class NPTrainResult:
     Attributes:
         params: ``{site: array}``, the model's ``param`` sites after training.
         losses: ``(num_steps,)`` negative target log-likelihood per target point.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> NPTrainResult({"w": jnp.zeros(2)}, np.zeros(3)).losses.shape
+        (3,)
     """
 
     params: dict[str, Array]
@@ -239,30 +643,80 @@ def _step_fn(
     return step
 
 
+@functools.lru_cache(maxsize=16)
+def _elbo_step_fn(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    opt: optax.GradientTransformation,
+    extra: tuple[tuple[str, Any], ...],
+) -> Callable[..., Any]:
+    options = dict(extra)
+    # Mean-field ELBO: the KL between Gaussian guide and model sites is analytic, the
+    # likelihood term a one-draw reparameterised estimate.
+    elbo = TraceMeanField_ELBO()
+
+    def loss_fn(p: dict[str, Array], batch: dict[str, Array], k: Array) -> Array:
+        loss = elbo.loss(k, p, model, guide, **batch, **options)
+        return loss / jnp.sum(batch["mask_target"])
+
+    @jax.jit
+    def step(p: Any, s: Any, batch: dict[str, Array], k: Array) -> tuple[Any, Any, Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch, k)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    return step
+
+
+def _init_params(
+    model: Callable[..., Any],
+    guide: Callable[..., Any] | None,
+    batch: dict[str, Array],
+    extra: dict[str, Any],
+    key: Array,
+) -> dict[str, Array]:
+    params: dict[str, Array] = {}
+    if guide is not None:
+        tr = handlers.trace(handlers.seed(guide, key)).get_trace(**batch, **extra)
+        params = {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
+    # Params shared by name with the guide keep the guide's initial value.
+    seeded = handlers.seed(handlers.substitute(model, params), key)
+    tr = handlers.trace(seeded).get_trace(**batch, **extra)
+    return params | {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
+
+
 def train_np(
     model: Callable[..., Any],
     sample_tasks: Callable[[np.random.Generator], Any],
     *,
     num_steps: int,
+    guide: Callable[..., Any] | None = None,
     key: int | jax.Array = 0,
     optimizer: optax.GradientTransformation | None = None,
     model_kwargs: dict[str, Any] | None = None,
     progress_bar: bool = False,
 ) -> NPTrainResult:
-    """Fit a neural-process model's params by maximum likelihood across task batches.
+    """Fit a neural-process model's params across task batches (maximum likelihood or ELBO).
 
     Every step draws a fresh batch ``sample_tasks(rng)`` (e.g. ``lambda r: gp_tasks(16,
     key=r)``) and takes one optimiser step on the negative log-likelihood of the observed
     site(s) per target point, ``-log p(y_T | x_T, context) / sum(mask_target)``. For
     `conditional_np_model` the targets include the contexts (see `probdyn.data.GPTaskBatch`).
+    With a ``guide`` (e.g. `latent_np_guide` for `latent_np_model`) the loss is instead the
+    negative mean-field ELBO per target point (analytic KL for Gaussian sites, one
+    reparameterised draw of the latents per step), and model and guide params sharing a name
+    are one parameter.
 
     Args:
-        model: a NumPyro model taking the `GPTaskBatch` fields as keyword arguments, whose
-            only non-observed sites are ``param`` sites (e.g. `conditional_np_model`).
+        model: a NumPyro model taking the `GPTaskBatch` fields as keyword arguments (e.g.
+            `conditional_np_model`, or `latent_np_model` with a guide).
         sample_tasks: draws one batch (an object with the `GPTaskBatch` array fields) from
             a ``numpy.random.Generator``; batches must keep their shapes (no recompiles).
         num_steps: number of optimiser steps.
-        key: int seed or JAX key; sets the initial weights and the task stream.
+        guide: None (maximum likelihood; the model's only non-observed sites are ``param``
+            sites) or a NumPyro guide over the model's latent sites, taking the same arguments.
+        key: int seed or JAX key; sets the initial weights, the task stream and the latent
+            draws.
         optimizer: an optax transformation (default Adam, learning rate 5e-4).
         model_kwargs: extra keyword arguments for the model (e.g. ``{"hidden": 64}``).
         progress_bar: show a tqdm bar.
@@ -289,17 +743,18 @@ def train_np(
     _check_hashable(extra)
     opt = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
 
-    first = _task_kwargs(sample_tasks(rng))
-    tr = handlers.trace(handlers.seed(model, jkey)).get_trace(**first, **extra)
-    params = {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
+    batch = _task_kwargs(sample_tasks(rng))
+    params = _init_params(model, guide, batch, extra, jkey)
     state = opt.init(params)
-
-    step = _step_fn(model, opt, tuple(sorted(extra.items())))
+    options = tuple(sorted(extra.items()))
 
     losses = np.empty(num_steps)
-    batch = first
     for i in tqdm(range(num_steps), disable=not progress_bar, desc="train_np"):
-        params, state, loss = step(params, state, batch)
+        if guide is None:
+            params, state, loss = _step_fn(model, opt, options)(params, state, batch)
+        else:
+            step = _elbo_step_fn(model, guide, opt, options)
+            params, state, loss = step(params, state, batch, jax.random.fold_in(jkey, i))
         losses[i] = float(loss)
         batch = _task_kwargs(sample_tasks(rng))
     return NPTrainResult(params=params, losses=losses)
@@ -313,6 +768,10 @@ def predict_np(
     model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictive mean and sd ``(batch, n_t)`` of a trained 1-output NP model on a task batch.
+
+    For a model with latent sites (`latent_np_model`) these are the mean and sd given one draw
+    of the latents (seed 0); use ``numpyro.infer.Predictive`` with ``return_sites=["mean",
+    "sd"]`` for many draws of the Gaussian mixture.
 
     Example:
         >>> from probdyn.data._gp_tasks import gp_tasks

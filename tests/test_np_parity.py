@@ -1,0 +1,302 @@
+"""Backend parity of the conditional neural process: the same API, the same sites, and given
+the same weights the same predictive and the same masked training loss and gradient (float64).
+
+Both backends run the same float64 arithmetic (matrix products, a masked mean pool, an exact
+softplus), so they differ only in summation order and library kernels: ~1e-15 relative per
+operation, ~1e-13 through these small networks. 1e-10 is far above that and far below any
+difference in the maths (a changed mask or pooling changes the outputs at ~1e-2 or more).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pyro = pytest.importorskip("pyro")
+jax = pytest.importorskip("jax")
+pytest.importorskip("numpyro")
+
+import jax.numpy as jnp  # noqa: E402
+import numpyro  # noqa: E402
+import numpyro.distributions as ndist  # noqa: E402
+import optax  # noqa: E402
+from numpyro import handlers  # noqa: E402
+from numpyro.infer.util import log_density  # noqa: E402
+from pyro import poutine  # noqa: E402
+
+import probdyn.numpyro._np as jnp_np  # noqa: E402
+import probdyn.pyro._np as torch_np  # noqa: E402
+from probdyn.data._gp_tasks import gp_tasks  # noqa: E402
+from probdyn.numpyro._util import as_key  # noqa: E402
+from probdyn.pyro._util import with_params  # noqa: E402
+
+TOL = 1e-10
+FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")
+NAMES = [
+    "ANP",
+    "CNP",
+    "LNP",
+    "AttentiveNP",
+    "ConditionalNP",
+    "LatentNP",
+    "NPTrainResult",
+    "attentive_np_model",
+    "conditional_np_model",
+    "latent_np_guide",
+    "latent_np_model",
+    "predict_np",
+    "train_np",
+]
+METHODS = {"ANP": ["__call__", "attend"], "CNP": ["__call__"], "LNP": ["__call__", "latent"]}
+OPTIONS = {  # small networks with every option away from its default
+    "conditional_np_model": {"hidden": 8, "encoder_depth": 2, "decoder_depth": 3},
+    "attentive_np_model": {"hidden": 8, "num_heads": 2, "encoder_depth": 2, "decoder_depth": 3},
+    "latent_np_model": {"hidden": 8, "latent_dim": 3, "encoder_depth": 2, "decoder_depth": 3},
+}
+
+
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
+
+
+def _parameters(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_same_names() -> None:
+    assert jnp_np.__all__ == torch_np.__all__ == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_signatures(name: str) -> None:
+    jax_obj, torch_obj = getattr(jnp_np, name), getattr(torch_np, name)
+    assert _parameters(torch_obj) == _parameters(jax_obj)
+    for method in METHODS.get(name, []):
+        assert _parameters(getattr(torch_obj, method)) == _parameters(getattr(jax_obj, method))
+
+
+def _jax_trace(model: str, tasks, params: dict | None = None, data=None, **options) -> dict:
+    kw = {f: jnp.asarray(getattr(tasks, f)) for f in FIELDS}
+    fn = getattr(jnp_np, model)
+    if params:
+        fn = handlers.substitute(fn, {k: jnp.asarray(v) for k, v in params.items()})
+    if data:
+        fn = handlers.condition(fn, {k: jnp.asarray(v) for k, v in data.items()})
+    return handlers.trace(handlers.seed(fn, 0)).get_trace(**kw, **options)
+
+
+def _torch_trace(model: str, tasks, params: dict | None = None, data=None, **options) -> dict:
+    kw = {f: torch.as_tensor(getattr(tasks, f)) for f in FIELDS}
+    fn = with_params(getattr(torch_np, model), params or {})
+    if data:
+        fn = poutine.condition(fn, {k: torch.as_tensor(v) for k, v in data.items()})
+    with poutine.seed(rng_seed=0), pyro.get_param_store().scope(), torch.no_grad():
+        return poutine.trace(fn).get_trace(**kw, **options).nodes
+
+
+@pytest.mark.parametrize("model", [*OPTIONS, "latent_np_guide"])
+def test_same_sites(model: str) -> None:
+    tasks = gp_tasks(2, key=0)
+    options = OPTIONS.get(model, OPTIONS["latent_np_model"]) | {"min_sd": 0.05}
+    jtr, ttr = _jax_trace(model, tasks, **options), _torch_trace(model, tasks, **options)
+    kinds = ("param", "sample", "deterministic")
+    shapes = lambda tr: {n: tuple(s["value"].shape) for n, s in tr.items() if s["type"] in kinds}
+    assert shapes(ttr) == shapes(jtr)
+    types = lambda tr, kind: sorted(n for n, s in tr.items() if s["type"] == kind)
+    assert types(ttr, "param") == types(jtr, "param")
+    observed = lambda tr: sorted(
+        n
+        for n, s in tr.items()
+        if s["type"] == "sample" and s["is_observed"] and not n.startswith(("mean", "sd"))
+    )
+    assert observed(ttr) == observed(jtr) == ([] if model == "latent_np_guide" else ["y"])
+
+
+def _weights(model: str, tasks, seed: int, **options) -> dict[str, np.ndarray]:
+    # Random weights of the network's shapes at a Glorot-like scale with non-zero biases, so
+    # every path of the network (and the sd head beyond its floor) is exercised.
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, site in _jax_trace(model, tasks, **options).items():
+        if site["type"] == "param":
+            shape = site["value"].shape
+            scale = 1.0 / np.sqrt(shape[0]) if len(shape) == 2 else 0.3
+            out[name] = scale * rng.normal(size=shape)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model", "activation"),
+    [
+        ("conditional_np_model", "relu"),
+        ("conditional_np_model", "tanh"),
+        ("conditional_np_model", "gelu"),
+        ("attentive_np_model", "relu"),
+        ("attentive_np_model", "tanh"),
+    ],
+)
+def test_same_weights_same_predictive(model: str, activation: str) -> None:
+    options = {"hidden": 16, "activation": activation, "min_sd": 0.05}
+    if model == "attentive_np_model":
+        options["num_heads"] = 4
+    tasks = gp_tasks(5, key=3)
+    weights = _weights(model, tasks, 1, **options)
+    jmean, jsd = jnp_np.predict_np(
+        getattr(jnp_np, model),
+        {k: jnp.asarray(v) for k, v in weights.items()},
+        tasks,
+        model_kwargs=options,
+    )
+    tmean, tsd = torch_np.predict_np(getattr(torch_np, model), weights, tasks, model_kwargs=options)
+    assert tmean.shape == jmean.shape == (5, 50)
+    np.testing.assert_allclose(tmean, jmean, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(tsd, jsd, rtol=TOL, atol=TOL)
+    # The weights matter: the sd head is not stuck at its floor and the mean varies.
+    assert jsd.max() > 0.1 and jmean.std() > 1e-2
+
+
+@pytest.mark.parametrize("deterministic_path", [True, False])
+def test_latent_np_same_weights_same_numbers(deterministic_path: bool) -> None:
+    options = {"hidden": 16, "latent_dim": 3, "deterministic_path": deterministic_path}
+    tasks = gp_tasks(5, key=4)
+    weights = _weights("latent_np_model", tasks, 2, **options)
+    z = np.random.default_rng(3).normal(size=(5, 3))
+    jtr = _jax_trace("latent_np_model", tasks, weights, {"z": z}, **options)
+    ttr = _torch_trace("latent_np_model", tasks, weights, {"z": z}, **options)
+    for site in ("mean", "sd"):  # the decoder given z
+        np.testing.assert_allclose(ttr[site]["value"], jtr[site]["value"], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(
+        float(ttr["y"]["fn"].log_prob(ttr["y"]["value"]).sum()),
+        float(jtr["y"]["fn"].log_prob(jtr["y"]["value"]).sum()),
+        rtol=TOL,
+    )
+    # p(z | context) in the model and q(z | targets) in the guide.
+    jguide = _jax_trace("latent_np_guide", tasks, weights, **options)
+    tguide = _torch_trace("latent_np_guide", tasks, weights, **options)
+    for jt, tt in ((jtr, ttr), (jguide, tguide)):
+        jd, td = jt["z"]["fn"].base_dist, tt["z"]["fn"].base_dist
+        np.testing.assert_allclose(td.loc, jd.loc, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(td.scale, jd.scale, rtol=TOL, atol=TOL)
+    # The guide sees the targets, so it differs from the model's prior.
+    shift = jguide["z"]["fn"].base_dist.loc - jtr["z"]["fn"].base_dist.loc
+    assert float(jnp.abs(shift).max()) > 1e-3
+
+
+def test_same_masked_loss_and_gradient() -> None:
+    options = {"hidden": 16}
+    tasks = gp_tasks(4, key=5)
+    weights = _weights("conditional_np_model", tasks, 2, **options)
+    # Junk in every padded slot: both backends must ignore it in the loss and its gradient.
+    kw = {f: np.array(getattr(tasks, f)) for f in FIELDS}
+    kw["x_context"][~tasks.mask_context] = 7.0
+    kw["y_context"][~tasks.mask_context] = -7.0
+    kw["y_target"][~tasks.mask_target] = 99.0
+
+    def jax_loss(p):
+        data = {k: jnp.asarray(v) for k, v in kw.items()}
+        logp, _ = log_density(jnp_np.conditional_np_model, (), {**data, **options}, p)
+        return -logp / jnp.sum(data["mask_target"])
+
+    jloss, jgrad = jax.value_and_grad(jax_loss)({k: jnp.asarray(v) for k, v in weights.items()})
+
+    tparams = {k: torch.tensor(v, requires_grad=True) for k, v in weights.items()}
+    data = {k: torch.as_tensor(v) for k, v in kw.items()}
+    tloss = torch_np._nll_per_point(torch_np.conditional_np_model, tparams, data, options)
+    tloss.backward()
+
+    np.testing.assert_allclose(float(tloss.detach()), float(jloss), rtol=TOL)
+    for name, p in tparams.items():
+        np.testing.assert_allclose(p.grad.numpy(), np.asarray(jgrad[name]), rtol=TOL, atol=TOL)
+    # The clean batch gives the same loss, on both backends.
+    clean = {f: torch.as_tensor(getattr(tasks, f)) for f in FIELDS}
+    with torch.no_grad():
+        tclean = torch_np._nll_per_point(torch_np.conditional_np_model, tparams, clean, options)
+    np.testing.assert_allclose(float(tclean), float(jloss), rtol=TOL)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_same_task_stream_for_an_int_key(seed: int) -> None:
+    # train_np on NumPyro draws its tasks from default_rng(as_key(key).tolist()).
+    jrng = np.random.default_rng(np.asarray(as_key(seed)).tolist())
+    trng = torch_np._task_rng(seed)
+    a, b = gp_tasks(3, key=jrng), gp_tasks(3, key=trng)
+    np.testing.assert_array_equal(a.y_target, b.y_target)
+
+
+# -- training with a guide: both backends minimise the same negative ELBO per target point ------
+
+W, A, C, NOISE = 0.3, 0.8, -1.2, 0.5
+
+
+def _torch_toy(x_context, y_context, mask_context, x_target, y_target=None, mask_target=None):
+    # z_b ~ N(0, 1) per task, y_bi ~ N(z_b + w, NOISE^2) on the real target slots.
+    w = pyro.param("w", lambda: torch.tensor(W))
+    z = pyro.sample("z", pyro.distributions.Normal(torch.zeros(x_target.shape[0], 1), 1.0))
+    mean = (z[:, None, :] + w).expand(x_target.shape)
+    mask = torch.as_tensor(mask_target)[..., None]
+    pyro.sample("y", pyro.distributions.Normal(mean, NOISE).mask(mask), obs=y_target)
+
+
+def _torch_toy_guide(x_context, y_context, mask_context, x_target, y_target=None, mask_target=None):
+    # q(z_b) = N(a * mean of task b's y, exp(c)^2): amortised over the target set.
+    a = pyro.param("a", lambda: torch.tensor(A))
+    c = pyro.param("c", lambda: torch.tensor(C))
+    m = torch.as_tensor(mask_target).to(y_target.dtype)[..., None]
+    ybar = (m * y_target).sum(1) / m.sum(1)
+    pyro.sample("z", pyro.distributions.Normal(a * ybar, torch.exp(c)))
+
+
+def _jax_toy(x_context, y_context, mask_context, x_target, y_target=None, mask_target=None):
+    w = numpyro.param("w", jnp.asarray(W))
+    z = numpyro.sample("z", ndist.Normal(jnp.zeros((x_target.shape[0], 1)), 1.0))
+    mean = jnp.broadcast_to(z[:, None, :] + w, x_target.shape)
+    with handlers.mask(mask=jnp.asarray(mask_target)[..., None]):
+        numpyro.sample("y", ndist.Normal(mean, NOISE), obs=y_target)
+
+
+def _jax_toy_guide(x_context, y_context, mask_context, x_target, y_target=None, mask_target=None):
+    a = numpyro.param("a", jnp.asarray(A))
+    c = numpyro.param("c", jnp.asarray(C))
+    m = jnp.asarray(mask_target, y_target.dtype)[..., None]
+    ybar = (m * y_target).sum(1) / m.sum(1)
+    numpyro.sample("z", ndist.Normal(a * ybar, jnp.exp(c)))
+
+
+def _toy_neg_elbo(tasks) -> float:
+    # -ELBO = -sum_b E_q[log p(y_b | z_b)] + sum_b KL(N(m_b, s^2) || N(0, 1)), per target point.
+    mask, y = tasks.mask_target, tasks.y_target[..., 0]
+    n = mask.sum(1)
+    m = A * np.where(mask, y, 0.0).sum(1) / n
+    s2 = np.exp(2 * C)
+    sq = np.where(mask, (y - W - m[:, None]) ** 2, 0.0).sum(1)
+    exp_loglik = -0.5 * n * np.log(2 * np.pi * NOISE**2) - (sq + n * s2) / (2 * NOISE**2)
+    kl = 0.5 * (s2 + m**2 - 1.0) - 0.5 * np.log(s2)
+    return float((kl - exp_loglik).sum() / mask.sum())
+
+
+def test_train_with_guide_minimises_the_same_elbo() -> None:
+    # With a zero learning rate every step is an independent one-draw estimate of the same
+    # negative ELBO per point at the initial params (the KL is analytic, the likelihood term a
+    # draw of z ~ q): its mean over 200 steps lies within 4 SE (sd / sqrt(200)) of the exact
+    # value, on both backends.
+    tasks = gp_tasks(4, key=11)
+    exact = _toy_neg_elbo(tasks)
+    jax_losses = jnp_np.train_np(
+        _jax_toy,
+        lambda r: tasks,
+        num_steps=200,
+        guide=_jax_toy_guide,
+        optimizer=optax.sgd(0.0),
+    ).losses
+    torch_losses = torch_np.train_np(
+        _torch_toy,
+        lambda r: tasks,
+        num_steps=200,
+        guide=_torch_toy_guide,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+    ).losses
+    for losses in (jax_losses, torch_losses):
+        se = losses.std(ddof=1) / np.sqrt(losses.size)
+        assert se > 0 and abs(losses.mean() - exact) < 4 * se
