@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["check_mlp_args", "check_ode_args", "layer_index"]
+__all__ = ["check_mlp_args", "check_np_args", "check_ode_args", "layer_index"]
 
 
 def check_mlp_args(
@@ -84,3 +84,21 @@ def check_ode_args(
     for field, tol in (("rtol", rtol), ("atol", atol)):
         if not tol > 0:
             raise ValueError(f"NeuralODE({field}={tol!r}): must be positive.")
+
+
+def check_np_args(
+    fn: str, sizes: Mapping[str, int], min_sd: float, activation: str, activations: Sequence[str]
+) -> None:
+    """Check a neural process's options (both backends' constructors call this).
+
+    Raises:
+        ValueError: for a size that is not a positive int, ``min_sd`` outside
+            (0, 1), or an unknown activation.
+    """
+    for arg, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{fn}({arg}={value!r}): must be a positive int.")
+    if not 0.0 < min_sd < 1.0:
+        raise ValueError(f"{fn}(min_sd={min_sd!r}): must lie in (0, 1), e.g. 0.1.")
+    if activation not in activations:
+        raise ValueError(f"{fn}(activation={activation!r}): choose one of {sorted(activations)}.")

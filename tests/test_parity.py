@@ -185,7 +185,7 @@ def _first_order_bound(y: np.ndarray, z: np.ndarray, sigma: float, dz: np.ndarra
     return float(np.sum(np.abs(np.log(y) - np.log(z)) / (sigma**2 * z) * dz))
 
 
-def _compare_demo(solve_tol: float) -> None:
+def _assert_demo_log_densities_agree(solve_tol: float) -> None:
     point = _demo_point()
     y = _torch_trace(point, None).nodes["y"]["value"].numpy()  # data simulated at this point
     tr = _torch_trace(point, y)
@@ -215,11 +215,11 @@ def test_demo_log_density_agrees_at_the_same_point(monkeypatch) -> None:
 
     monkeypatch.setattr(demo_numpyro, "NeuralODE", tight(pn))
     monkeypatch.setattr(demo_pyro, "NeuralODE", tight(pp))
-    _compare_demo(TIGHT["rtol"])
+    _assert_demo_log_densities_agree(TIGHT["rtol"])
 
 
 def test_demo_log_density_agrees_at_the_demos_own_tolerance() -> None:
-    _compare_demo(1e-5)
+    _assert_demo_log_densities_agree(1e-5)
 
 
 def test_demo_sites_are_the_same() -> None:

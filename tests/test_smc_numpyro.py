@@ -95,7 +95,7 @@ def _check_step_rule(post: probdyn.Posterior, kernel: str, dim: int) -> None:
     np.testing.assert_allclose(steps[1:], expected[:-1], rtol=1e-10)
 
 
-def _log_evidence_within_mcse(estimates: np.ndarray, exact: float) -> None:
+def _assert_log_evidence_within_mcse(estimates: np.ndarray, exact: float) -> None:
     # Error model: REPEATS independent runs give estimates with sample sd s; their
     # mean has MCSE s / sqrt(REPEATS), and (mean - exact) / MCSE is t-distributed
     # with 9 degrees of freedom: |t| > 4 has probability 0.3 %. SMC's estimate of
@@ -113,7 +113,7 @@ def _log_evidence_within_mcse(estimates: np.ndarray, exact: float) -> None:
 def test_log_evidence_matches_exact(problem: str) -> None:
     model, data = PROBLEMS[problem]
     exact = data().log_evidence
-    _log_evidence_within_mcse(_repeat(model, data().args, lambda r: r.log_evidence), exact)
+    _assert_log_evidence_within_mcse(_repeat(model, data().args, lambda r: r.log_evidence), exact)
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -191,7 +191,7 @@ def test_constrained_site_and_minus_infinity_likelihood() -> None:
     np.testing.assert_allclose(post.samples["s2"], post.samples["s"] ** 2)
     check_accuracy(post, "s", mean, sd)
     estimates = _repeat(capped_scale_model, (y,), lambda r: r.log_evidence)
-    _log_evidence_within_mcse(estimates, np.log(evidence))
+    _assert_log_evidence_within_mcse(estimates, np.log(evidence))
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from probdyn._posterior import Posterior
 from probdyn.pyro._build import build_posterior
 from probdyn.pyro._ensemble import FlatModel, _quiet_validation, _site_log_prob
 from probdyn.pyro._ode import reset_failed_solves
+from probdyn.pyro._smc import _prior_draws
 from probdyn.pyro._util import (
     as_seed,
     check_observed,
@@ -138,16 +139,6 @@ class _BatchLikelihood(FlatModel):
         return torch.stack([zero, zero, lik])
 
 
-def _prior_rows(latent_model: FlatModel, num: int) -> torch.Tensor:
-    """``num`` prior draws (one model run each) as unconstrained rows ``(num, D)``,
-    from the global torch generator (seeded by the caller's `isolated`)."""
-    rows = []
-    for _ in range(num):
-        tr = trace_model(latent_model.model, latent_model.args, latent_model.kwargs)
-        rows.append(latent_model.unconstrain({n: tr[n]["value"] for n in latent_model.latent}))
-    return torch.stack(rows)
-
-
 def run_fksmc(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: SMC, key: Any
 ) -> Posterior:
@@ -198,8 +189,7 @@ def run_fksmc(
 
         first = stream.batch(targs, tkwargs, data, torch.as_tensor(orders[0, 0]))
         prior.args, prior.kwargs = first
-        torch.manual_seed(sub_seed(seed, 0))
-        z = _prior_rows(prior, p)
+        z = _prior_draws(prior, p, sub_seed(seed, 0))
         # The params start at their traced (initial) values, unconstrained.
         initial = lik.unconstrain({b.name: trace[b.name]["value"].detach() for b in lik.blocks})
         psi = initial[prior.dim :].clone().requires_grad_(True)

@@ -29,6 +29,7 @@ from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from probdyn._validate import check_np_args
 from probdyn.pyro._bnn import ACTIVATIONS, MLP, Linear
 from probdyn.pyro._util import as_seed, isolated, plate_nesting, to_torch, with_params
 
@@ -126,13 +127,7 @@ def _param_mlp(name: str, sizes: Sequence[int], activation: Callable[[Tensor], T
 def _check_np_args(
     fn: str, sizes: dict[str, int], min_sd: float, activation: str
 ) -> Callable[[Tensor], Tensor]:
-    for arg, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{fn}({arg}={value!r}): must be a positive int.")
-    if not 0.0 < min_sd < 1.0:
-        raise ValueError(f"{fn}(min_sd={min_sd!r}): must lie in (0, 1), e.g. 0.1.")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{fn}(activation={activation!r}): choose one of {sorted(ACTIVATIONS)}.")
+    check_np_args(fn, sizes, min_sd, activation, list(ACTIVATIONS))
     return ACTIVATIONS[activation]
 
 
