@@ -8,7 +8,6 @@ only by the engine. An engine that fails becomes a row with its error message.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 import os
@@ -372,11 +371,7 @@ def _heldout_draws(
     model (and solve any ODE in it) once per draw; the backend's forward pass,
     which both are built on, gives the two from one run.
     """
-    backend = importlib.import_module(f"probdyn.{post.backend}._predict")
-    latent = set(post.attrs.get("latent_sites", post.samples))
-    _, loglik, replicates = backend.forward_draws(
-        post.model, call[0], call[1], post.samples, post.params, key, latent=latent
-    )
+    _, loglik, replicates = post._forward_draws(call[0], call[1], key)
     if not loglik:
         raise ValueError(
             "the model has no observed site at the test inputs; check that observed_arg names "

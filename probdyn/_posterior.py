@@ -178,6 +178,19 @@ class Posterior:
             >>> ll = post.log_likelihood_at(x_test, y_test)  # doctest: +SKIP
             >>> ll["y"].shape  # (chain, draw, len(y_test))  # doctest: +SKIP
         """
+        _, loglik, _ = self._forward_draws(args, kwargs, key)
+        if not loglik:
+            raise ValueError(
+                "log_likelihood_at: the model has no observed sites for these arguments; "
+                "pass the held-out observations in the observed site's argument."
+            )
+        return loglik
+
+    def _forward_draws(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Deterministic sites, pointwise log likelihood and replicated observations
+        per draw, from one run of the model per draw (the backend's forward pass)."""
         if self.model is None:
             raise RuntimeError(
                 "This Posterior has no model attached (it was probably loaded from a file). "
@@ -185,15 +198,11 @@ class Posterior:
             )
         backend = importlib.import_module(f"probdyn.{self.backend}._predict")
         latent = set(self.attrs.get("latent_sites", self.samples))
-        _, loglik, _ = backend.forward_draws(
+        out: tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
+        out = backend.forward_draws(
             self.model, args, kwargs, self.samples, self.params, key, latent=latent
         )
-        if not loglik:
-            raise ValueError(
-                "log_likelihood_at: the model has no observed sites for these arguments; "
-                "pass the held-out observations in the observed site's argument."
-            )
-        return loglik
+        return out
 
     # -- summaries and conversion ------------------------------------------------
     def summary(self, *, max_elements: int | None = 10, **kwargs: Any) -> Any:
