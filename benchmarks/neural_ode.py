@@ -313,7 +313,7 @@ def main() -> None:
         flush=True,
     )
     warnings.filterwarnings("ignore", message="There are not enough devices")
-    warnings.filterwarnings("ignore", message=".*ODE solve\\(s\\) failed", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=r".*solve\(s\) failed", category=RuntimeWarning)
     h.warm_up_process(_toy_solve)
 
     keep: dict[str, Any] = {}

@@ -578,7 +578,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="There are not enough devices")
     # Early tempered stages propose far in the tails, where the solver hits
     # max_steps; those particles are rejected and counted (figure 'failed ODE solves').
-    warnings.filterwarnings("ignore", message=".*ODE solve.*failed", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=r".*solve\(s\) failed", category=RuntimeWarning)
     info = h.machine_info()
     engine = s.engine()
     print(
