@@ -20,6 +20,8 @@ __all__ = ["from_inference_data", "to_inference_data"]
 _GROUPS = ("posterior", "sample_stats", "posterior_predictive", "log_likelihood", "observed_data")
 
 
+_NO_DRAWS = ("observed_data", "constant_data")
+
 _ARVIZ_ATTRS = (
     "created_at",
     "arviz_version",
@@ -41,7 +43,7 @@ def _event_dims(groups: dict[str, dict[str, np.ndarray]]) -> dict[str, list[str]
     # to agree.
     dims: dict[str, list[str]] = {}
     for group, data in groups.items():
-        lead = 0 if group == "observed_data" else 2
+        lead = 0 if group in _NO_DRAWS else 2
         for name, value in data.items():
             dims.setdefault(name, _dims(name, np.ndim(value) - lead))
     return dims
@@ -63,7 +65,8 @@ def to_inference_data(post: Posterior):  # type: ignore[no-untyped-def]
     """Convert a `Posterior` to ``arviz.InferenceData``.
 
     Metadata (engine, backend, seed, versions, timings) becomes JSON-encoded
-    attributes of every group.
+    attributes of every group. An amortised posterior has no draws: its fitted params
+    become the ``constant_data`` group, so the result is never empty.
     """
     az = import_arviz()
 
@@ -74,6 +77,8 @@ def to_inference_data(post: Posterior):  # type: ignore[no-untyped-def]
         "log_likelihood": post.log_likelihood,
         "observed_data": post.observed_data,
     }
+    if not post.samples:
+        groups["constant_data"] = post.params
     groups = {k: {n: np.asarray(v) for n, v in g.items()} for k, g in groups.items() if g}
     attrs = {k: json.dumps(v) for k, v in post.attrs.items()}
     idata = az.from_dict(**groups, dims=_event_dims(groups))
@@ -94,7 +99,8 @@ def from_inference_data(idata: Any) -> dict[str, Any]:
         if group in idata.groups():
             ds = idata[group]
             out[field.get(group, group)] = {n: ds[n].values for n in ds.data_vars}
-    attrs = dict(idata.posterior.attrs)
+    out.setdefault("samples", {})  # an amortised posterior has no draws
+    attrs = dict(idata[idata.groups()[0]].attrs)
     out["attrs"] = {
         k: json.loads(v) for k, v in attrs.items() if k not in _ARVIZ_ATTRS and isinstance(v, str)
     }

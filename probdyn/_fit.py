@@ -6,9 +6,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from probdyn._engines import AbstractEngine
+from probdyn._engines import VI, AbstractEngine
 from probdyn._posterior import Posterior
 from probdyn._registry import BACKENDS, get_runner
+from probdyn.data._tasks import TaskStream, stream_rng
 
 __all__ = ["detect_backend", "fit"]
 
@@ -26,8 +27,11 @@ def fit(
     Args:
         model: a plain NumPyro (or, with the Pyro backend, Pyro) model function.
         *args: the model's positional arguments; observed data is passed the usual
-            way, as an argument used as ``obs=`` inside the model.
-        engine: an engine config: `NUTS`, `HMC` or `VI`.
+            way, as an argument used as ``obs=`` inside the model. Or a single
+            `probdyn.data.TaskStream` (with the `VI` engine): the model is trained
+            across a stream of task batches, which it receives as keyword arguments,
+            and the posterior is amortised (see `Posterior.predict`'s ``context``).
+        engine: an engine config: `NUTS`, `HMC`, `VI`, `Ensemble` or `SMC`.
         key: an int seed or a backend random key. The same key reproduces the same
             draws bit for bit.
         backend: ``"numpyro"`` or ``"pyro"``; detected from the model when omitted.
@@ -58,12 +62,32 @@ def fit(
         )
     if not callable(model):
         raise TypeError(f"fit(model={model!r}): the model must be a callable model function.")
+    _check_stream(args, engine)
     if backend is None:
-        backend = detect_backend(model, args, kwargs)
+        probe_args, probe_kwargs = args, kwargs
+        if args and isinstance(args[0], TaskStream):
+            probe_args, probe_kwargs = (), {**args[0].draw(stream_rng(0)), **kwargs}
+        backend = detect_backend(model, probe_args, probe_kwargs)
     elif backend not in BACKENDS:
         raise ValueError(f"fit(backend={backend!r}): choose one of {', '.join(BACKENDS)}.")
     runner = get_runner(engine, backend)
     return runner(model, args, kwargs, engine, key)
+
+
+def _check_stream(args: tuple[Any, ...], engine: AbstractEngine) -> None:
+    """A `TaskStream` is the only data argument, and only the VI engine trains on one."""
+    if not any(isinstance(a, TaskStream) for a in args):
+        return
+    if len(args) != 1:
+        raise TypeError(
+            f"fit: a TaskStream must be the only positional argument (got {len(args)}); pass "
+            "network options as keyword arguments, e.g. fit(model, stream, engine=VI(), hidden=64)."
+        )
+    if not isinstance(engine, VI):
+        raise TypeError(
+            f"fit(engine={type(engine).__name__}(...)): a TaskStream (training across tasks) "
+            "is fitted with probdyn.VI; the other engines need one fixed dataset."
+        )
 
 
 def _referenced_modules(fn: Callable[..., Any]) -> set[str]:

@@ -24,7 +24,7 @@ def save(post: Posterior, path: str | os.PathLike[str]) -> None:
     """Write ``post`` to ``path`` (netCDF4/HDF5). Overwrites an existing file."""
     path = os.fspath(path)
     idata = to_inference_data(post)
-    idata.posterior.attrs["probdyn_format"] = _FORMAT
+    idata[idata.groups()[0]].attrs["probdyn_format"] = _FORMAT
     if os.path.exists(path):
         os.remove(path)
     idata.to_netcdf(path, engine="h5netcdf")
@@ -59,9 +59,10 @@ def load(path: str | os.PathLike[str], *, model: Callable[..., Any] | None = Non
         raise FileNotFoundError(f"probdyn.load(path={path!r}): no such file.")
     try:
         idata = az.from_netcdf(path, engine="h5netcdf")
-        if idata.posterior.attrs.get("probdyn_format") != _FORMAT:
+        first = idata[idata.groups()[0]]
+        if first.attrs.get("probdyn_format") != _FORMAT:
             raise ValueError("missing probdyn_format attribute")
-        idata.posterior.attrs.pop("probdyn_format")
+        first.attrs.pop("probdyn_format")
         kwargs = from_inference_data(idata)
         for field, group in _EXTRA.items():
             kwargs[field] = _read_group(xr, path, group)

@@ -63,7 +63,12 @@ class Posterior:
 
     def __post_init__(self) -> None:
         if not self.samples:
-            raise ValueError("Posterior(samples={}): a posterior needs at least one site.")
+            if self.params:  # an amortised fit: fitted params, no global draws
+                return
+            raise ValueError(
+                "Posterior(samples={}): a posterior needs at least one site (or, for an "
+                "amortised fit, its fitted params)."
+            )
         shapes = {name: np.shape(v)[:2] for name, v in self.samples.items()}
         first = next(iter(shapes.values()))
         for name, shape in shapes.items():
@@ -76,13 +81,24 @@ class Posterior:
     # -- layout -----------------------------------------------------------------
     @property
     def num_chains(self) -> int:
-        """Size of the ``chain`` dimension."""
+        """Size of the ``chain`` dimension (0 for an amortised posterior)."""
+        if not self.samples:
+            return 0
         return int(np.shape(next(iter(self.samples.values())))[0])
 
     @property
     def num_draws(self) -> int:
-        """Size of the ``draw`` dimension."""
+        """Size of the ``draw`` dimension (0 for an amortised posterior)."""
+        if not self.samples:
+            return 0
         return int(np.shape(next(iter(self.samples.values())))[1])
+
+    @property
+    def amortized(self) -> bool:
+        """True for a model trained across a `probdyn.data.TaskStream` (e.g. a neural
+        process): it holds fitted params and no draws; `predict` with ``context=``
+        conditions it on a new task."""
+        return bool(self.attrs.get("amortized", False))
 
     @property
     def log_evidence(self) -> float | None:
@@ -101,6 +117,12 @@ class Posterior:
 
     def __repr__(self) -> str:
         engine = self.attrs.get("engine", {}).get("engine", "?")
+        if self.amortized:
+            stream = self.attrs.get("stream", {}).get("description", "?")
+            return (
+                f"Posterior(engine={engine}, backend={self.backend}, amortized over "
+                f"{stream}, params={len(self.params)})"
+            )
         sites = ", ".join(f"{k}{tuple(np.shape(v)[2:])}" for k, v in self.samples.items())
         return (
             f"Posterior(engine={engine}, backend={self.backend}, chains={self.num_chains}, "
@@ -120,6 +142,8 @@ class Posterior:
         *args: Any,
         key: Any = 0,
         sites: list[str] | None = None,
+        context: tuple[Any, Any] | None = None,
+        num_draws: int | None = None,
         **kwargs: Any,
     ) -> dict[str, np.ndarray]:
         """Run the model forward for every draw on new inputs.
@@ -127,44 +151,72 @@ class Posterior:
         Observed sites are re-sampled (the values passed for them are ignored), so
         passing the same arguments as at fit time gives the posterior predictive.
 
+        An amortised posterior (a neural process trained on a
+        `probdyn.data.TaskStream`) has no draws to run: ``num_draws`` forward runs of
+        the model are made instead, each sampling the model's local latents (e.g. a
+        latent NP's ``z ~ p(z | context)``) and observations afresh. Give the new task
+        as ``predict(x_target, context=(x_context, y_context))``: 1-D arrays or
+        ``(n, dim)`` arrays for one task, ``(batch, n, dim)`` for a batch.
+
         Args:
-            *args: the model's positional arguments (e.g. new times, new x).
+            *args: the model's positional arguments (e.g. new times, new x); with
+                ``context``: the target inputs ``x_target``.
             key: an int seed or a backend key.
             sites: names of the sites to return; default: every sample and
                 deterministic site that is not a latent site of the posterior.
-            **kwargs: the model's keyword arguments.
+            context: ``(x_context, y_context)`` of a new task (amortised posteriors).
+            num_draws: number of forward runs of an amortised posterior (default: the
+                engine's ``num_draws``).
+            **kwargs: the model's keyword arguments (for an amortised posterior, added
+                to the options it was fitted with).
 
         Returns:
-            site name -> array ``(chain, draw, *shape)``.
+            site name -> array ``(chain, draw, *shape)``; with ``context`` for one task,
+            e.g. ``"y"``, ``"mean"`` and ``"sd"`` shaped ``(1, num_draws, n_target)``
+            for 1-D ``y_context``.
 
         Raises:
             RuntimeError: if no model is attached (e.g. after `probdyn.load`).
+            ValueError: ``context`` or ``num_draws`` on a posterior that is not
+                amortised, or a malformed ``context``.
 
         Example:
             >>> pred = post.predict(t_new, key=1, sites=["y"])  # doctest: +SKIP
             >>> pred["y"].shape  # (chain, draw, len(t_new), 2)  # doctest: +SKIP
+            >>> pred = np_post.predict(x_new, context=(x_c, y_c), num_draws=200)  # doctest: +SKIP
+            >>> pred["y"].shape  # (1, 200, len(x_new))  # doctest: +SKIP
         """
-        if self.model is None:
-            raise RuntimeError(
-                "This Posterior has no model attached (it was probably loaded from a file). "
-                "Call posterior.with_model(model) or probdyn.load(path, model=model) first."
-            )
+        self._require_model()
+        args, kwargs, n, squeeze = self._amortized_call(args, kwargs, context, num_draws)
         # Each backend has a ``probdyn.<backend>._predict`` module with the same
-        # ``predict(post, args, kwargs, *, key, sites)`` function.
+        # ``predict(post, args, kwargs, *, key, sites, num_draws)`` function.
         backend = importlib.import_module(f"probdyn.{self.backend}._predict")
-        return backend.predict(self, args, kwargs, key=key, sites=sites)
+        out = backend.predict(self, args, kwargs, key=key, sites=sites, num_draws=n)
+        return squeeze(out)
 
-    def log_likelihood_at(self, *args: Any, key: Any = 0, **kwargs: Any) -> dict[str, np.ndarray]:
+    def log_likelihood_at(
+        self,
+        *args: Any,
+        key: Any = 0,
+        context: tuple[Any, Any] | None = None,
+        num_draws: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, np.ndarray]:
         """Pointwise log likelihood of new observations under every draw.
 
         Pass the model's arguments with the held-out observations in the observed
         site's argument (e.g. ``post.log_likelihood_at(t_test, y_test)``). The
         result feeds `probdyn.calibration.nlpd` for an exact negative log
-        predictive density (log-mean-exp over draws).
+        predictive density (log-mean-exp over draws). For an amortised posterior,
+        ``post.log_likelihood_at(x_target, y_target, context=(x_c, y_c))`` scores the
+        targets of a new task under ``num_draws`` runs (see `predict`).
 
         Args:
-            *args: the model's positional arguments, observations included.
+            *args: the model's positional arguments, observations included; with
+                ``context``: ``(x_target, y_target)``.
             key: an int seed or a backend key (for any sampling inside the model).
+            context: ``(x_context, y_context)`` of a new task (amortised posteriors).
+            num_draws: number of runs of an amortised posterior.
             **kwargs: the model's keyword arguments.
 
         Returns:
@@ -178,29 +230,79 @@ class Posterior:
             >>> ll = post.log_likelihood_at(x_test, y_test)  # doctest: +SKIP
             >>> ll["y"].shape  # (chain, draw, len(y_test))  # doctest: +SKIP
         """
-        _, loglik, _ = self._forward_draws(args, kwargs, key)
+        args, kwargs, n, squeeze = self._amortized_call(args, kwargs, context, num_draws)
+        _, loglik, _ = self._forward_draws(args, kwargs, key, num_draws=n)
         if not loglik:
             raise ValueError(
                 "log_likelihood_at: the model has no observed sites for these arguments; "
                 "pass the held-out observations in the observed site's argument."
             )
-        return loglik
+        return squeeze(loglik)
 
-    def _forward_draws(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Any
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Deterministic sites, pointwise log likelihood and replicated observations
-        per draw, from one run of the model per draw (the backend's forward pass)."""
+    def _require_model(self) -> None:
         if self.model is None:
             raise RuntimeError(
                 "This Posterior has no model attached (it was probably loaded from a file). "
                 "Call posterior.with_model(model) or probdyn.load(path, model=model) first."
             )
+
+    def _amortized_call(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: tuple[Any, Any] | None,
+        num_draws: int | None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any], int | None, Callable[[dict], dict]]:
+        """The model call, number of runs and output reshaping for `predict` and
+        `log_likelihood_at` (the identity for a posterior with draws)."""
+        if not self.amortized:
+            if context is not None or num_draws is not None:
+                raise ValueError(
+                    "context= and num_draws= apply to amortised posteriors (a model fitted on "
+                    "a probdyn.data.TaskStream); this posterior has draws: pass the model's "
+                    "arguments."
+                )
+            return args, kwargs, None, lambda out: out
+        n = int(self.attrs.get("engine", {}).get("num_draws", 1000))
+        if num_draws is not None:
+            if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+                raise ValueError(f"num_draws={num_draws!r}: must be a positive int.")
+            n = num_draws
+        # The network options it was trained with (kept in attrs, so a loaded posterior
+        # rebuilds the same network).
+        options = self.attrs.get("stream", {}).get("options", {})
+        kwargs = {**options, **self.model_kwargs, **kwargs}
+        if context is None:
+            return args, kwargs, n, lambda out: out
+        from probdyn.data._tasks import context_call
+
+        fields = self.attrs.get("stream", {}).get("fields", [])
+        task_kwargs, squeeze = context_call(args, context, fields)
+        return (), {**kwargs, **task_kwargs}, n, squeeze
+
+    def _forward_draws(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: Any,
+        num_draws: int | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Deterministic sites, pointwise log likelihood and replicated observations
+        per draw, from one run of the model per draw (the backend's forward pass);
+        ``num_draws`` runs for an amortised posterior."""
+        self._require_model()
         backend = importlib.import_module(f"probdyn.{self.backend}._predict")
         latent = set(self.attrs.get("latent_sites", self.samples))
         out: tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
         out = backend.forward_draws(
-            self.model, args, kwargs, self.samples, self.params, key, latent=latent
+            self.model,
+            args,
+            kwargs,
+            self.samples,
+            self.params,
+            key,
+            latent=latent,
+            num_draws=num_draws,
         )
         return out
 

@@ -19,6 +19,12 @@ def summarize(post: Posterior, *, max_elements: int | None = 10, **kwargs: Any):
     az = import_arviz()
     import pandas as pd
 
+    if not post.samples:
+        raise ValueError(
+            "summary: this posterior is amortised (trained on a TaskStream) and has no draws "
+            "to summarise; see posterior.traces['loss'], or predict on a task with "
+            "posterior.predict(x_target, context=(x_c, y_c))."
+        )
     idata = post.to_arviz()
     small = [n for n, v in post.samples.items() if _size(v) <= (max_elements or np.inf)]
     large = [n for n in post.samples if n not in small]

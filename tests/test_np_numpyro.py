@@ -5,14 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from numpyro import handlers
 from numpyro.infer.util import log_density
 from scipy import stats
 
-from probdyn.data._gp_tasks import gp_tasks, mean_log_likelihood
-from probdyn.numpyro._np import ConditionalNP, conditional_np_model, predict_np, train_np
+import probdyn
+from probdyn.data import gp_task_stream, gp_tasks, mean_log_likelihood
+from probdyn.numpyro import ConditionalNP, conditional_np_model
 
 FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")
 
@@ -81,11 +81,17 @@ def test_padding_and_context_order_do_not_matter() -> None:
     assert float(logp(_data(fewer))) != float(base)
 
 
+def _fit(num_steps: int, key: int = 0, **options):
+    engine = probdyn.VI(num_steps=num_steps, progress_bar=False, **options.pop("vi", {}))
+    return probdyn.fit(conditional_np_model, STREAM, engine=engine, key=key, **options)
+
+
+STREAM = gp_task_stream(4)
+
+
 def test_training_is_reproducible_by_key() -> None:
-    # Default optimiser and options: the compiled step is cached, so one compilation.
-    run = lambda key: (
-        train_np(conditional_np_model, lambda r: gp_tasks(4, key=r), num_steps=3, key=key).losses
-    )
+    # Same model, stream and engine: the compiled block is cached, so one compilation.
+    run = lambda key: _fit(3, key=key).traces["loss"]
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.array_equal(run(0), run(1))
 
@@ -96,26 +102,27 @@ def test_short_training_beats_a_trivial_baseline() -> None:
     # N(0, v) with v the marginal variance of y, estimated on 2000 other tasks. The comparison
     # is paired per task (per-task mean LL over its new points); tasks are independent, so the
     # SE of the mean difference is sd(d) / sqrt(300). Require the gain to exceed 4 SE.
-    # Measured (hidden 64, lr 3e-3, float64): CNP -0.450, baseline -0.873 nats per point, a
-    # paired gain of 0.42 +- 0.029 (about 15 SE); the oracle is about 1.55 on such tasks.
-    opts = {"hidden": 64}
-    res = train_np(
-        conditional_np_model,
-        lambda r: gp_tasks(16, key=r),
-        num_steps=600,
-        key=0,
-        optimizer=optax.adam(3e-3),
-        model_kwargs=opts,
-    )
-    assert res.losses.shape == (600,) and np.isfinite(res.losses).all()
+    # Measured through probdyn.fit (hidden 64, lr 3e-3, float64, key 0): CNP -0.437, baseline
+    # -0.873 nats per point, a paired gain of 0.436 +- 0.028 (about 15 SE); the oracle is
+    # about 1.55 on such tasks.
+    # Constant learning rate (final fraction 1.0), as measured.
+    vi = {"learning_rate": 3e-3, "final_learning_rate_fraction": 1.0}
+    stream = gp_task_stream(16)
+    engine = probdyn.VI(num_steps=600, progress_bar=False, **vi)
+    post = probdyn.fit(conditional_np_model, stream, engine=engine, key=0, hidden=64)
+    losses = post.traces["loss"]
+    assert losses.shape == (600,) and np.isfinite(losses).all()
+    assert post.amortized and post.num_draws == 0 and "cnp.decoder.layers.2.weight" in post.params
     # Each loss is on a fresh independent batch: compare the first and last 100 steps by a
     # two-sample z statistic (4 SE).
-    first, last = res.losses[:100], res.losses[-100:]
+    first, last = losses[:100], losses[-100:]
     se = np.hypot(first.std(ddof=1), last.std(ddof=1)) / 10.0
     assert first.mean() - last.mean() > 4 * se
 
     test = gp_tasks(300, key=2024)
-    mean, sd = predict_np(conditional_np_model, res.params, test, model_kwargs=opts)
+    inputs = {f: getattr(test, f) for f in FIELDS if f != "y_target"}
+    pred = post.predict(**inputs, num_draws=1, sites=["mean", "sd"])  # the options are kept
+    mean, sd = pred["mean"][0, 0, ..., 0], pred["sd"][0, 0, ..., 0]
     y = test.y_target[..., 0]
     ll = stats.norm.logpdf(y, mean, sd)
     other = gp_tasks(2000, key=7)
@@ -139,5 +146,7 @@ def test_errors_name_the_argument() -> None:
             ConditionalNP("c", hidden=0)
         with pytest.raises(ValueError, match="activation='nope'"):
             ConditionalNP("c", activation="nope")
-    with pytest.raises(ValueError, match="num_steps=0"):
-        train_np(conditional_np_model, lambda r: gp_tasks(2, key=r), num_steps=0)
+    with pytest.raises(TypeError, match="only positional argument"):
+        probdyn.fit(conditional_np_model, STREAM, 1.0, engine=probdyn.VI())
+    with pytest.raises(TypeError, match=r"fitted with probdyn\.VI"):
+        probdyn.fit(conditional_np_model, STREAM, engine=probdyn.NUTS())

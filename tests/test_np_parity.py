@@ -1,5 +1,7 @@
-"""Backend parity of the conditional neural process: the same API, the same sites, and given
-the same weights the same predictive and the same masked training loss and gradient (float64).
+"""Backend parity of the neural processes: the same API, the same sites, and given the same
+weights the same predictive (through both backends' amortised posteriors) and the same masked
+training loss and gradient (float64); both backends' TaskStream runners draw the same batches
+for the same int key and minimise the same per-point loss.
 
 Both backends run the same float64 arithmetic (matrix products, a masked mean pool, an exact
 softplus), so they differ only in summation order and library kernels: ~1e-15 relative per
@@ -9,6 +11,8 @@ difference in the maths (a changed mask or pooling changes the outputs at ~1e-2 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 
 import numpy as np
@@ -22,15 +26,14 @@ pytest.importorskip("numpyro")
 import jax.numpy as jnp  # noqa: E402
 import numpyro  # noqa: E402
 import numpyro.distributions as ndist  # noqa: E402
-import optax  # noqa: E402
 from numpyro import handlers  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 from pyro import poutine  # noqa: E402
 
+import probdyn  # noqa: E402
 import probdyn.numpyro._np as jnp_np  # noqa: E402
 import probdyn.pyro._np as torch_np  # noqa: E402
-from probdyn.data._gp_tasks import gp_tasks  # noqa: E402
-from probdyn.numpyro._util import as_key  # noqa: E402
+from probdyn.data import TaskStream, gp_task_stream, gp_tasks, stream_rng  # noqa: E402
 from probdyn.pyro._util import with_params  # noqa: E402
 
 TOL = 1e-10
@@ -42,13 +45,10 @@ NAMES = [
     "AttentiveNP",
     "ConditionalNP",
     "LatentNP",
-    "NPTrainResult",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
     "latent_np_model",
-    "predict_np",
-    "train_np",
 ]
 METHODS = {"ANP": ["__call__", "attend"], "CNP": ["__call__"], "LNP": ["__call__", "latent"]}
 OPTIONS = {  # small networks with every option away from its default
@@ -127,6 +127,29 @@ def _weights(model: str, tasks, seed: int, **options) -> dict[str, np.ndarray]:
     return out
 
 
+_BACKENDS = {"numpyro": jnp_np, "pyro": torch_np}
+_FITTED = {  # the network options each amortised posterior is fitted with
+    "conditional_np_model": {"hidden": 16, "min_sd": 0.05},
+    "attentive_np_model": {"hidden": 16, "min_sd": 0.05, "num_heads": 4},
+}
+
+
+@functools.cache
+def _amortised(backend: str, model: str) -> probdyn.Posterior:
+    """A posterior of ``model`` fitted for two steps on a TaskStream by ``backend``.
+
+    To save a NumPyro compilation (several seconds), NumPyro's attentive posterior is the Pyro
+    fit with NumPyro's model attached: an amortised posterior is only params and attributes,
+    so it predicts on either backend (test_fitted_params_move_between_backends fits both).
+    """
+    fn = getattr(_BACKENDS[backend], model)
+    if backend == "numpyro" and model == "attentive_np_model":
+        post = _amortised("pyro", model)
+        return dataclasses.replace(post, model=fn, attrs={**post.attrs, "backend": backend})
+    engine = probdyn.VI(num_steps=2, progress_bar=False)
+    return probdyn.fit(fn, gp_task_stream(4), engine=engine, key=0, **_FITTED[model])
+
+
 @pytest.mark.parametrize(
     ("model", "activation"),
     [
@@ -138,23 +161,49 @@ def _weights(model: str, tasks, seed: int, **options) -> dict[str, np.ndarray]:
     ],
 )
 def test_same_weights_same_predictive(model: str, activation: str) -> None:
-    options = {"hidden": 16, "activation": activation, "min_sd": 0.05}
-    if model == "attentive_np_model":
-        options["num_heads"] = 4
+    # Both backends' amortised posteriors, holding the same weights, predict the same mean and
+    # sd on a batch of tasks (the activation, a network option, is given to predict).
     tasks = gp_tasks(5, key=3)
-    weights = _weights(model, tasks, 1, **options)
-    jmean, jsd = jnp_np.predict_np(
-        getattr(jnp_np, model),
-        {k: jnp.asarray(v) for k, v in weights.items()},
-        tasks,
-        model_kwargs=options,
-    )
-    tmean, tsd = torch_np.predict_np(getattr(torch_np, model), weights, tasks, model_kwargs=options)
+    weights = _weights(model, tasks, 1, **_FITTED[model], activation=activation)
+    kw = {f: getattr(tasks, f) for f in FIELDS}
+    out = {}
+    for backend in _BACKENDS:
+        post = dataclasses.replace(_amortised(backend, model), params=weights)
+        assert post.amortized and post.backend == backend
+        pred = post.predict(**kw, num_draws=1, sites=["mean", "sd"], activation=activation)
+        out[backend] = pred["mean"][0, 0, ..., 0], pred["sd"][0, 0, ..., 0]
+    (jmean, jsd), (tmean, tsd) = out["numpyro"], out["pyro"]
     assert tmean.shape == jmean.shape == (5, 50)
     np.testing.assert_allclose(tmean, jmean, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(tsd, jsd, rtol=TOL, atol=TOL)
     # The weights matter: the sd head is not stuck at its floor and the mean varies.
     assert jsd.max() > 0.1 and jmean.std() > 1e-2
+
+
+def test_fitted_params_move_between_backends() -> None:
+    # The params NumPyro fitted, copied into the Pyro posterior (and the other way round):
+    # the same predictive mean and sd for a new task given as a context.
+    model = "conditional_np_model"
+    jpost, tpost = _amortised("numpyro", model), _amortised("pyro", model)
+    assert sorted(jpost.params) == sorted(tpost.params)
+    for name, value in jpost.params.items():
+        assert np.shape(value) == np.shape(tpost.params[name])
+    rng = np.random.default_rng(4)
+    x_c, x_t = rng.uniform(-2, 2, 7), np.linspace(-2, 2, 11)
+    context = (x_c, np.sin(2 * x_c))
+    pred = lambda post: post.predict(x_t, context=context, num_draws=1, sites=["mean", "sd"])
+    # np.array: NumPyro's params are read-only views of JAX arrays, which torch.as_tensor warns
+    # about (pytest makes that warning an error).
+    for fitted in (jpost.params, tpost.params):
+        params = {k: np.array(v) for k, v in fitted.items()}
+        a = pred(dataclasses.replace(jpost, params=params))
+        b = pred(dataclasses.replace(tpost, params=params))
+        assert a["mean"].shape == b["mean"].shape == (1, 1, 11)
+        for site in ("mean", "sd"):
+            np.testing.assert_allclose(b[site], a[site], rtol=TOL, atol=TOL)
+    # The two fits started from different random weights (each backend draws its own).
+    name = next(n for n in jpost.params if n.endswith("weight"))  # biases start at 0
+    assert not np.allclose(jpost.params[name], tpost.params[name])
 
 
 @pytest.mark.parametrize("deterministic_path", [True, False])
@@ -201,9 +250,13 @@ def test_same_masked_loss_and_gradient() -> None:
 
     jloss, jgrad = jax.value_and_grad(jax_loss)({k: jnp.asarray(v) for k, v in weights.items()})
 
+    def torch_loss(params, data):
+        fn = with_params(torch_np.conditional_np_model, params)
+        tr = poutine.trace(fn).get_trace(**data, **options)
+        return -tr.log_prob_sum() / data["mask_target"].sum()
+
     tparams = {k: torch.tensor(v, requires_grad=True) for k, v in weights.items()}
-    data = {k: torch.as_tensor(v) for k, v in kw.items()}
-    tloss = torch_np._nll_per_point(torch_np.conditional_np_model, tparams, data, options)
+    tloss = torch_loss(tparams, {k: torch.as_tensor(v) for k, v in kw.items()})
     tloss.backward()
 
     np.testing.assert_allclose(float(tloss.detach()), float(jloss), rtol=TOL)
@@ -212,17 +265,61 @@ def test_same_masked_loss_and_gradient() -> None:
     # The clean batch gives the same loss, on both backends.
     clean = {f: torch.as_tensor(getattr(tasks, f)) for f in FIELDS}
     with torch.no_grad():
-        tclean = torch_np._nll_per_point(torch_np.conditional_np_model, tparams, clean, options)
+        tclean = torch_loss(tparams, clean)
     np.testing.assert_allclose(float(tclean), float(jloss), rtol=TOL)
+
+
+# -- the TaskStream runners: the same batches and the same per-point loss ---------------------
+
+_DRAWN: list[np.ndarray] = []  # the y_target of every batch _RECORDED draws, in order
+
+
+def _record(rng: np.random.Generator):
+    tasks = gp_tasks(3, key=rng)
+    _DRAWN.append(tasks.y_target)
+    return tasks
+
+
+_RECORDED = TaskStream(_record, description="recorded")  # one stream: NumPyro compiles once
+
+
+def _torch_mean(x_context, y_context, mask_context, x_target, y_target=None, mask_target=None):
+    # y_bi ~ N(w, 1) on the real target slots, w a param: maximum likelihood (no latent site).
+    w = pyro.param("w", lambda: torch.tensor(W))
+    mask = torch.as_tensor(mask_target)[..., None]
+    pyro.sample("y", pyro.distributions.Normal(w, 1.0).mask(mask), obs=y_target)
+
+
+def _jax_mean(x_context, y_context, mask_context, x_target, y_target=None, mask_target=None):
+    w = numpyro.param("w", jnp.asarray(W))
+    with handlers.mask(mask=jnp.asarray(mask_target)[..., None]):
+        numpyro.sample("y", ndist.Normal(w, 1.0), obs=y_target)
 
 
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
 def test_same_task_stream_for_an_int_key(seed: int) -> None:
-    # train_np on NumPyro draws its tasks from default_rng(as_key(key).tolist()).
-    jrng = np.random.default_rng(np.asarray(as_key(seed)).tolist())
-    trng = torch_np._task_rng(seed)
-    a, b = gp_tasks(3, key=jrng), gp_tasks(3, key=trng)
-    np.testing.assert_array_equal(a.y_target, b.y_target)
+    # Both runners draw their batches from stream_rng(key) for an int key: the first batch sets
+    # the params up, then one batch per step. With a learning rate of 1e-12, w stays at its
+    # initial value, so each step's loss is the exact -mean log N(y; w, 1) over that batch's
+    # real targets: the same on both backends, step by step.
+    engine = probdyn.VI(num_steps=3, learning_rate=1e-12, progress_bar=False)
+    drawn, losses = {}, {}
+    for backend, model in (("numpyro", _jax_mean), ("pyro", _torch_mean)):
+        _DRAWN.clear()
+        post = probdyn.fit(model, _RECORDED, engine=engine, key=seed, backend=backend)
+        drawn[backend], losses[backend] = list(_DRAWN), post.traces["loss"]
+    assert len(drawn["numpyro"]) == len(drawn["pyro"]) == 4
+    rng = stream_rng(seed)
+    for a, b in zip(drawn["numpyro"], drawn["pyro"]):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, gp_tasks(3, key=rng).y_target)
+    assert not np.array_equal(drawn["pyro"][1], drawn["pyro"][2])  # a fresh batch every step
+    exact = []
+    for y, mask in ((b, b != 0) for b in drawn["pyro"][1:]):
+        # padded slots of gp_tasks are exactly 0; a real y is 0 with probability 0
+        exact.append(-np.mean((-0.5 * np.log(2 * np.pi) - 0.5 * (y - W) ** 2)[mask]))
+    np.testing.assert_allclose(losses["numpyro"], exact, rtol=TOL)
+    np.testing.assert_allclose(losses["pyro"], exact, rtol=TOL)
 
 
 # -- training with a guide: both backends minimise the same negative ELBO per target point ------
@@ -277,26 +374,23 @@ def _toy_neg_elbo(tasks) -> float:
 
 
 def test_train_with_guide_minimises_the_same_elbo() -> None:
-    # With a zero learning rate every step is an independent one-draw estimate of the same
-    # negative ELBO per point at the initial params (the KL is analytic, the likelihood term a
+    # With a learning rate of 1e-12 the params stay at their initial values (to ~1e-10), and
+    # the stream returns the same batch every step, so every step is an independent one-draw
+    # estimate of the same negative ELBO per point (the KL is analytic, the likelihood term a
     # draw of z ~ q): its mean over 200 steps lies within 4 SE (sd / sqrt(200)) of the exact
     # value, on both backends.
     tasks = gp_tasks(4, key=11)
     exact = _toy_neg_elbo(tasks)
-    jax_losses = jnp_np.train_np(
-        _jax_toy,
-        lambda r: tasks,
-        num_steps=200,
-        guide=_jax_toy_guide,
-        optimizer=optax.sgd(0.0),
-    ).losses
-    torch_losses = torch_np.train_np(
-        _torch_toy,
-        lambda r: tasks,
-        num_steps=200,
-        guide=_torch_toy_guide,
-        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
-    ).losses
-    for losses in (jax_losses, torch_losses):
+    stream = TaskStream(lambda rng: tasks, description="one fixed batch")
+    for backend, model, guide in (
+        ("numpyro", _jax_toy, _jax_toy_guide),
+        ("pyro", _torch_toy, _torch_toy_guide),
+    ):
+        engine = probdyn.VI(guide=guide, num_steps=200, learning_rate=1e-12, progress_bar=False)
+        post = probdyn.fit(model, stream, engine=engine, key=0, backend=backend)
+        losses = post.traces["loss"]
         se = losses.std(ddof=1) / np.sqrt(losses.size)
-        assert se > 0 and abs(losses.mean() - exact) < 4 * se
+        assert losses.shape == (200,) and se > 0 and abs(losses.mean() - exact) < 4 * se
+        # The fitted params are the model's and the guide's, still at their initial values.
+        assert sorted(post.params) == ["a", "c", "w"]
+        np.testing.assert_allclose([post.params[k] for k in "acw"], [A, C, W], atol=1e-8)

@@ -14,16 +14,21 @@ from probdyn.data._predator_prey import (
     lotka_volterra,
     synthetic_predator_prey,
 )
+from probdyn.data._tasks import TASK_FIELDS, TaskStream, gp_task_stream, stream_rng
 
 __all__ = [
     "HARE_LYNX",
+    "TASK_FIELDS",
     "GPPredictive",
     "GPTaskBatch",
     "PredatorPreyData",
+    "TaskStream",
     "gp_oracle",
+    "gp_task_stream",
     "gp_tasks",
     "hare_lynx",
     "lotka_volterra",
     "mean_log_likelihood",
+    "stream_rng",
     "synthetic_predator_prey",
 ]

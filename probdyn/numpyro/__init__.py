@@ -5,7 +5,35 @@ Importing this module imports jax, numpyro, diffrax and equinox. The engines
 """
 
 from probdyn.numpyro._bnn import MLP, BayesianMLP, lift
+from probdyn.numpyro._np import (
+    ANP,
+    CNP,
+    LNP,
+    AttentiveNP,
+    ConditionalNP,
+    LatentNP,
+    attentive_np_model,
+    conditional_np_model,
+    latent_np_guide,
+    latent_np_model,
+)
 from probdyn.numpyro._ode import NeuralODE
 from probdyn.numpyro._sde import NeuralSDE
 
-__all__ = ["MLP", "BayesianMLP", "NeuralODE", "NeuralSDE", "lift"]
+__all__ = [
+    "ANP",
+    "CNP",
+    "LNP",
+    "MLP",
+    "AttentiveNP",
+    "BayesianMLP",
+    "ConditionalNP",
+    "LatentNP",
+    "NeuralODE",
+    "NeuralSDE",
+    "attentive_np_model",
+    "conditional_np_model",
+    "latent_np_guide",
+    "latent_np_model",
+    "lift",
+]

@@ -5,14 +5,14 @@
 equinox module that maps a (padded, masked) context set and target inputs to a per-point
 Gaussian predictive. `conditional_np_model`, `attentive_np_model` and `latent_np_model` are
 NumPyro models over a batch of tasks (observed site ``"y"``; the latent model also has the
-sample site ``"z"``, and `latent_np_guide` is its amortised guide). `train_np` fits their params
-across task batches with optax, by maximum likelihood or, given a guide, by the NP ELBO.
+sample site ``"z"``, and `latent_np_guide` is its amortised guide). Train them across tasks
+with ``probdyn.fit(model, probdyn.data.gp_task_stream(16), engine=probdyn.VI(...))`` (maximum
+likelihood, or with ``VI(guide=latent_np_guide)`` the NP ELBO) and predict on a new task with
+``posterior.predict(x_target, context=(x_context, y_context))``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,16 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
 from jaxtyping import Array, Float
 from numpyro import handlers
-from numpyro.infer import TraceMeanField_ELBO
-from numpyro.infer.util import log_density
-from tqdm.auto import tqdm
 
 from probdyn._validate import check_np_args
 from probdyn.numpyro._bnn import ACTIVATIONS, MLP, Linear
-from probdyn.numpyro._util import as_key
 
 __all__ = [
     "ANP",
@@ -40,13 +35,10 @@ __all__ = [
     "AttentiveNP",
     "ConditionalNP",
     "LatentNP",
-    "NPTrainResult",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
     "latent_np_model",
-    "predict_np",
-    "train_np",
 ]
 
 TASK_FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")
@@ -141,9 +133,11 @@ def ConditionalNP(
 
     Args:
         name: prefix of the site names.
-        x_dim, y_dim: input and output dimensions.
+        x_dim: input dimension.
+        y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
-        encoder_depth, decoder_depth: number of hidden layers of each MLP.
+        encoder_depth: number of hidden layers of the encoder MLP.
+        decoder_depth: number of hidden layers of the decoder MLP.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
 
@@ -191,7 +185,10 @@ def conditional_np_model(
     Arrays follow `probdyn.data.GPTaskBatch`: ``(batch, n, dim)`` with ``(batch, n)`` masks.
 
     Args:
-        x_context, y_context, mask_context, x_target: the conditioning set and target inputs.
+        x_context: ``(batch, n_c, x_dim)`` context inputs.
+        y_context: ``(batch, n_c, y_dim)`` context observations.
+        mask_context: ``(batch, n_c)`` bool, the real context points.
+        x_target: ``(batch, n_t, x_dim)`` target inputs.
         y_target: observed target values, or None to sample them.
         mask_target: which target slots are real (default all).
         **cnp_options: passed to `ConditionalNP` (e.g. ``hidden=64``).
@@ -202,7 +199,7 @@ def conditional_np_model(
         >>> tr = handlers.trace(handlers.seed(conditional_np_model, 0)).get_trace(
         ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
         ...     hidden=8)
-        >>> tr["y"]["value"].shape
+        >>> tr["y"].get("value").shape
         (2, 7, 1)
     """
     cnp = ConditionalNP("cnp", **cnp_options)
@@ -304,10 +301,12 @@ def AttentiveNP(
 
     Args:
         name: prefix of the site names.
-        x_dim, y_dim: input and output dimensions.
+        x_dim: input dimension.
+        y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
         num_heads: number of attention heads; must divide ``hidden``.
-        encoder_depth, decoder_depth: number of hidden layers of the value encoder and decoder.
+        encoder_depth: number of hidden layers of the value encoder.
+        decoder_depth: number of hidden layers of the decoder.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
 
@@ -364,7 +363,7 @@ def attentive_np_model(
 
     As `conditional_np_model` with the attentive network: ``y ~ Normal(mean, sd)`` per target
     point, masked by ``mask_target``, deterministic sites ``"mean"`` and ``"sd"``; train it by
-    maximum likelihood with `train_np`.
+    maximum likelihood with `probdyn.fit` on a `probdyn.data.TaskStream`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -372,7 +371,7 @@ def attentive_np_model(
         >>> tr = handlers.trace(handlers.seed(attentive_np_model, 0)).get_trace(
         ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
         ...     hidden=8, num_heads=2)
-        >>> tr["y"]["value"].shape
+        >>> tr["y"].get("value").shape
         (2, 7, 1)
     """
     anp = AttentiveNP("anp", **anp_options)
@@ -463,11 +462,12 @@ def LatentNP(
 
     Args:
         name: prefix of the site names.
-        x_dim, y_dim: input and output dimensions.
+        x_dim: input dimension.
+        y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
         latent_dim: dimension of ``z``.
-        encoder_depth, decoder_depth: number of hidden layers of the set encoders and of the
-            decoder.
+        encoder_depth: number of hidden layers of the set encoders.
+        decoder_depth: number of hidden layers of the decoder.
         deterministic_path: also condition the decoder on a mean-pooled ``r`` of the context.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
@@ -520,12 +520,16 @@ def latent_np_model(
     ``z ~ p(z | context)`` (site ``"z"``, ``(batch, latent_dim)``, the context-amortised
     Gaussian of `LNP.latent`), then ``y ~ Normal(mean, sd)`` independently per target point
     given ``z``, masked by ``mask_target``; deterministic sites ``"mean"`` and ``"sd"``. Pair
-    it with `latent_np_guide` (``q(z | context and targets)``) in `train_np`: the loss is then
+    it with `latent_np_guide` (``q(z | context and targets)``) in ``probdyn.fit(latent_np_model,
+    stream, engine=probdyn.VI(guide=latent_np_guide))``: the loss is then
     the NP ELBO of Garnelo et al. (2018b),
     ``-E_q[log p(y_T | z)] + KL(q(z | T) || p(z | C))`` per target point.
 
     Args:
-        x_context, y_context, mask_context, x_target: the conditioning set and target inputs.
+        x_context: ``(batch, n_c, x_dim)`` context inputs.
+        y_context: ``(batch, n_c, y_dim)`` context observations.
+        mask_context: ``(batch, n_c)`` bool, the real context points.
+        x_target: ``(batch, n_t, x_dim)`` target inputs.
         y_target: observed target values, or None to sample them.
         mask_target: which target slots are real (default all).
         **lnp_options: passed to `LatentNP` (e.g. ``hidden=64``).
@@ -536,7 +540,7 @@ def latent_np_model(
         >>> tr = handlers.trace(handlers.seed(latent_np_model, 0)).get_trace(
         ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
         ...     hidden=8, latent_dim=3)
-        >>> tr["z"]["value"].shape, tr["y"]["value"].shape
+        >>> tr["z"].get("value").shape, tr["y"].get("value").shape
         ((2, 3), (2, 7, 1))
     """
     lnp = LatentNP("lnp", **lnp_options)
@@ -571,7 +575,7 @@ def latent_np_guide(
         >>> tr = handlers.trace(handlers.seed(latent_np_guide, 0)).get_trace(
         ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
         ...     jnp.ones((2, 7, 1)), hidden=8, latent_dim=3)
-        >>> tr["z"]["value"].shape
+        >>> tr["z"].get("value").shape
         (2, 3)
     """
     lnp = LatentNP("lnp", **lnp_options)
@@ -581,202 +585,3 @@ def latent_np_guide(
         mask = jnp.ones(y_target.shape[:-1], bool) if mask_target is None else mask_target
         loc, scale = lnp.latent(x_target, y_target, mask)
     numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-
-@dataclasses.dataclass(frozen=True)
-class NPTrainResult:
-    """Trained params of a neural-process model and the loss trace.
-
-    Attributes:
-        params: ``{site: array}``, the model's ``param`` sites after training.
-        losses: ``(num_steps,)`` negative target log-likelihood per target point.
-
-    Example:
-        >>> import jax.numpy as jnp, numpy as np
-        >>> NPTrainResult({"w": jnp.zeros(2)}, np.zeros(3)).losses.shape
-        (3,)
-    """
-
-    params: dict[str, Array]
-    losses: np.ndarray
-
-
-def _task_kwargs(batch: Any) -> dict[str, Array]:
-    return {f: jnp.asarray(getattr(batch, f)) for f in TASK_FIELDS}
-
-
-_DEFAULT_OPTIMIZER = optax.adam(5e-4)
-
-
-def _check_hashable(extra: dict[str, Any]) -> None:
-    try:
-        hash(tuple(sorted(extra.items())))
-    except TypeError as err:
-        raise TypeError(
-            f"train_np(model_kwargs={extra!r}): values must be hashable (ints, floats, "
-            "strings, tuples); they configure the network, not the data."
-        ) from err
-
-
-@functools.lru_cache(maxsize=16)
-def _step_fn(
-    model: Callable[..., Any], opt: optax.GradientTransformation, extra: tuple[tuple[str, Any], ...]
-) -> Callable[..., Any]:
-    # Cached per (model, optimizer, options) so repeated trainings reuse one compiled step.
-    options = dict(extra)
-
-    def loss_fn(p: dict[str, Array], batch: dict[str, Array]) -> Array:
-        logp, _ = log_density(model, (), {**batch, **options}, p)
-        return -logp / jnp.sum(batch["mask_target"])
-
-    @jax.jit
-    def step(p: Any, s: Any, batch: dict[str, Array]) -> tuple[Any, Any, Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
-    return step
-
-
-@functools.lru_cache(maxsize=16)
-def _elbo_step_fn(
-    model: Callable[..., Any],
-    guide: Callable[..., Any],
-    opt: optax.GradientTransformation,
-    extra: tuple[tuple[str, Any], ...],
-) -> Callable[..., Any]:
-    options = dict(extra)
-    # Mean-field ELBO: the KL between Gaussian guide and model sites is analytic, the
-    # likelihood term a one-draw reparameterised estimate.
-    elbo = TraceMeanField_ELBO()
-
-    def loss_fn(p: dict[str, Array], batch: dict[str, Array], k: Array) -> Array:
-        loss = elbo.loss(k, p, model, guide, **batch, **options)
-        return loss / jnp.sum(batch["mask_target"])
-
-    @jax.jit
-    def step(p: Any, s: Any, batch: dict[str, Array], k: Array) -> tuple[Any, Any, Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch, k)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
-    return step
-
-
-def _init_params(
-    model: Callable[..., Any],
-    guide: Callable[..., Any] | None,
-    batch: dict[str, Array],
-    extra: dict[str, Any],
-    key: Array,
-) -> dict[str, Array]:
-    params: dict[str, Array] = {}
-    if guide is not None:
-        tr = handlers.trace(handlers.seed(guide, key)).get_trace(**batch, **extra)
-        params = {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
-    # Params shared by name with the guide keep the guide's initial value.
-    seeded = handlers.seed(handlers.substitute(model, params), key)
-    tr = handlers.trace(seeded).get_trace(**batch, **extra)
-    return params | {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
-
-
-def train_np(
-    model: Callable[..., Any],
-    sample_tasks: Callable[[np.random.Generator], Any],
-    *,
-    num_steps: int,
-    guide: Callable[..., Any] | None = None,
-    key: int | jax.Array = 0,
-    optimizer: optax.GradientTransformation | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    progress_bar: bool = False,
-) -> NPTrainResult:
-    """Fit a neural-process model's params across task batches (maximum likelihood or ELBO).
-
-    Every step draws a fresh batch ``sample_tasks(rng)`` (e.g. ``lambda r: gp_tasks(16,
-    key=r)``) and takes one optimiser step on the negative log-likelihood of the observed
-    site(s) per target point, ``-log p(y_T | x_T, context) / sum(mask_target)``. For
-    `conditional_np_model` the targets include the contexts (see `probdyn.data.GPTaskBatch`).
-    With a ``guide`` (e.g. `latent_np_guide` for `latent_np_model`) the loss is instead the
-    negative mean-field ELBO per target point (analytic KL for Gaussian sites, one
-    reparameterised draw of the latents per step), and model and guide params sharing a name
-    are one parameter.
-
-    Args:
-        model: a NumPyro model taking the `GPTaskBatch` fields as keyword arguments (e.g.
-            `conditional_np_model`, or `latent_np_model` with a guide).
-        sample_tasks: draws one batch (an object with the `GPTaskBatch` array fields) from
-            a ``numpy.random.Generator``; batches must keep their shapes (no recompiles).
-        num_steps: number of optimiser steps.
-        guide: None (maximum likelihood; the model's only non-observed sites are ``param``
-            sites) or a NumPyro guide over the model's latent sites, taking the same arguments.
-        key: int seed or JAX key; sets the initial weights, the task stream and the latent
-            draws.
-        optimizer: an optax transformation (default Adam, learning rate 5e-4).
-        model_kwargs: extra keyword arguments for the model (e.g. ``{"hidden": 64}``).
-        progress_bar: show a tqdm bar.
-
-    Returns:
-        An `NPTrainResult`.
-
-    Raises:
-        ValueError: if ``num_steps`` is not a positive int.
-        TypeError: if a ``model_kwargs`` value is not hashable.
-
-    Example:
-        >>> from probdyn.data._gp_tasks import gp_tasks
-        >>> res = train_np(conditional_np_model, lambda r: gp_tasks(4, key=r), num_steps=3,
-        ...                model_kwargs={"hidden": 8})
-        >>> res.losses.shape
-        (3,)
-    """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"train_np(num_steps={num_steps!r}): must be a positive int.")
-    jkey = as_key(key)
-    rng = np.random.default_rng(np.asarray(jkey).tolist())
-    extra = dict(model_kwargs or {})
-    _check_hashable(extra)
-    opt = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
-
-    batch = _task_kwargs(sample_tasks(rng))
-    params = _init_params(model, guide, batch, extra, jkey)
-    state = opt.init(params)
-    options = tuple(sorted(extra.items()))
-
-    losses = np.empty(num_steps)
-    for i in tqdm(range(num_steps), disable=not progress_bar, desc="train_np"):
-        if guide is None:
-            params, state, loss = _step_fn(model, opt, options)(params, state, batch)
-        else:
-            step = _elbo_step_fn(model, guide, opt, options)
-            params, state, loss = step(params, state, batch, jax.random.fold_in(jkey, i))
-        losses[i] = float(loss)
-        batch = _task_kwargs(sample_tasks(rng))
-    return NPTrainResult(params=params, losses=losses)
-
-
-def predict_np(
-    model: Callable[..., Any],
-    params: dict[str, Array],
-    tasks: Any,
-    *,
-    model_kwargs: dict[str, Any] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predictive mean and sd ``(batch, n_t)`` of a trained 1-output NP model on a task batch.
-
-    For a model with latent sites (`latent_np_model`) these are the mean and sd given one draw
-    of the latents (seed 0); use ``numpyro.infer.Predictive`` with ``return_sites=["mean",
-    "sd"]`` for many draws of the Gaussian mixture.
-
-    Example:
-        >>> from probdyn.data._gp_tasks import gp_tasks
-        >>> res = train_np(conditional_np_model, lambda r: gp_tasks(4, key=r), num_steps=1,
-        ...                model_kwargs={"hidden": 8})
-        >>> mean, sd = predict_np(conditional_np_model, res.params, gp_tasks(3, key=1),
-        ...                       model_kwargs={"hidden": 8})
-        >>> mean.shape
-        (3, 50)
-    """
-    kwargs = {**_task_kwargs(tasks), "y_target": None, **(model_kwargs or {})}
-    tr = handlers.trace(handlers.seed(handlers.substitute(model, params), 0)).get_trace(**kwargs)
-    return np.asarray(tr["mean"]["value"][..., 0]), np.asarray(tr["sd"]["value"][..., 0])

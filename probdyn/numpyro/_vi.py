@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from probdyn._engines import VI
 from probdyn._posterior import Posterior
+from probdyn.data._tasks import TaskStream
 from probdyn.numpyro._build import build_posterior
 from probdyn.numpyro._map import map_estimate
 from probdyn.numpyro._ode import reset_failed_solves
@@ -118,7 +119,12 @@ def run_vi(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
 ) -> Posterior:
     """Fit an autoguide (or the user's guide function) by SVI; its draws form one
-    chain of ``num_draws`` draws."""
+    chain of ``num_draws`` draws. A `TaskStream` argument trains across tasks instead
+    (`run_vi_stream`)."""
+    if args and isinstance(args[0], TaskStream):
+        from probdyn.numpyro._vi_stream import run_vi_stream
+
+        return run_vi_stream(model, args[0], kwargs, engine, key)
     rng = as_key(key)
     trace = trace_model(model, args, kwargs, rng)
     observed = check_observed(trace)

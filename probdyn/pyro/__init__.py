@@ -19,9 +19,37 @@ signature is identical to its NumPyro twin.
 """
 
 from probdyn.pyro._bnn import MLP, BayesianMLP, lift
+from probdyn.pyro._np import (
+    ANP,
+    CNP,
+    LNP,
+    AttentiveNP,
+    ConditionalNP,
+    LatentNP,
+    attentive_np_model,
+    conditional_np_model,
+    latent_np_guide,
+    latent_np_model,
+)
 from probdyn.pyro._ode import NeuralODE
 from probdyn.pyro._sde import NeuralSDE
 
-__all__ = ["MLP", "BayesianMLP", "NeuralODE", "NeuralSDE", "lift"]
+__all__ = [
+    "ANP",
+    "CNP",
+    "LNP",
+    "MLP",
+    "AttentiveNP",
+    "BayesianMLP",
+    "ConditionalNP",
+    "LatentNP",
+    "NeuralODE",
+    "NeuralSDE",
+    "attentive_np_model",
+    "conditional_np_model",
+    "latent_np_guide",
+    "latent_np_model",
+    "lift",
+]
 
 BACKEND_ONLY_KWARGS: dict[str, frozenset[str]] = {}

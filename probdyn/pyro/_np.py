@@ -7,31 +7,29 @@ return a plain callable that maps a (padded, masked) context set and target inpu
 per-point Gaussian predictive. `conditional_np_model`, `attentive_np_model` and
 `latent_np_model` are Pyro models over a batch of tasks (observed site ``"y"``; the latent
 model also has the sample site ``"z"``, and `latent_np_guide` is its amortised guide).
-`train_np` fits their params across task batches with a torch optimiser (Adam by default), by
-maximum likelihood or, given a guide, by the NP ELBO.
+Train them across tasks with ``probdyn.fit(model, probdyn.data.gp_task_stream(16),
+engine=probdyn.VI(...))`` (maximum likelihood, or with ``VI(guide=latent_np_guide)`` the NP
+ELBO; see `probdyn.pyro._vi_stream`) and predict on a new task with
+``posterior.predict(x_target, context=(x_context, y_context))``.
 
 Weights are stored ``(in, out)`` as in `probdyn.pyro.BayesianMLP`, so a dict of trained NumPyro
-params is the same network here (see tests/test_np_parity.py). Randomness never touches the
-global torch RNG nor the user's parameter store (every run is inside `isolated`).
+params is the same network here (see tests/test_np_parity.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from probdyn._validate import check_np_args
 from probdyn.pyro._bnn import ACTIVATIONS, MLP, Linear
-from probdyn.pyro._util import as_seed, isolated, plate_nesting, to_torch, with_params
 
 __all__ = [
     "ANP",
@@ -40,18 +38,11 @@ __all__ = [
     "AttentiveNP",
     "ConditionalNP",
     "LatentNP",
-    "NPTrainResult",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
     "latent_np_model",
-    "predict_np",
-    "train_np",
 ]
-
-TASK_FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")
-
-Optimizer = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -109,7 +100,7 @@ def _param_mlp(name: str, sizes: Sequence[int], activation: Callable[[Tensor], T
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         # Glorot-uniform initial weights, drawn lazily (only when the param store has no value)
-        # from torch's RNG, which `train_np` seeds from its key inside `isolated`.
+        # from torch's RNG, which `probdyn.fit` seeds from its key inside `isolated`.
         bound = float(np.sqrt(6.0 / (n_in + n_out)))
 
         def init(n_in: int = n_in, n_out: int = n_out, b: float = bound) -> Tensor:
@@ -155,9 +146,11 @@ def ConditionalNP(
 
     Args:
         name: prefix of the site names.
-        x_dim, y_dim: input and output dimensions.
+        x_dim: input dimension.
+        y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
-        encoder_depth, decoder_depth: number of hidden layers of each MLP.
+        encoder_depth: number of hidden layers of the encoder MLP.
+        decoder_depth: number of hidden layers of the decoder MLP.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
 
@@ -205,7 +198,10 @@ def conditional_np_model(
     ``(batch, n)`` bool masks.
 
     Args:
-        x_context, y_context, mask_context, x_target: the conditioning set and target inputs.
+        x_context: ``(batch, n_c, x_dim)`` context inputs.
+        y_context: ``(batch, n_c, y_dim)`` context observations.
+        mask_context: ``(batch, n_c)`` bool, the real context points.
+        x_target: ``(batch, n_t, x_dim)`` target inputs.
         y_target: observed target values, or None to sample them.
         mask_target: which target slots are real (default all).
         **cnp_options: passed to `ConditionalNP` (e.g. ``hidden=64``).
@@ -216,7 +212,7 @@ def conditional_np_model(
         ...     tr = pyro.poutine.trace(conditional_np_model).get_trace(
         ...         torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5, dtype=torch.bool),
         ...         torch.zeros(2, 7, 1), hidden=8)
-        >>> tuple(tr.nodes["y"]["value"].shape)
+        >>> tuple(tr.nodes["y"].get("value").shape)
         (2, 7, 1)
     """
     cnp = ConditionalNP("cnp", **cnp_options)
@@ -304,10 +300,12 @@ def AttentiveNP(
 
     Args:
         name: prefix of the site names.
-        x_dim, y_dim: input and output dimensions.
+        x_dim: input dimension.
+        y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
         num_heads: number of attention heads; must divide ``hidden``.
-        encoder_depth, decoder_depth: number of hidden layers of the value encoder and decoder.
+        encoder_depth: number of hidden layers of the value encoder.
+        decoder_depth: number of hidden layers of the decoder.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
 
@@ -373,7 +371,7 @@ def attentive_np_model(
 
     As `conditional_np_model` with the attentive network: ``y ~ Normal(mean, sd)`` per target
     point, masked by ``mask_target``, deterministic sites ``"mean"`` and ``"sd"``; train it by
-    maximum likelihood with `train_np`.
+    maximum likelihood with `probdyn.fit` on a `probdyn.data.TaskStream`.
 
     Example:
         >>> import torch, pyro
@@ -381,7 +379,7 @@ def attentive_np_model(
         ...     tr = pyro.poutine.trace(attentive_np_model).get_trace(
         ...         torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5, dtype=torch.bool),
         ...         torch.zeros(2, 7, 1), hidden=8, num_heads=2)
-        >>> tuple(tr.nodes["y"]["value"].shape)
+        >>> tuple(tr.nodes["y"].get("value").shape)
         (2, 7, 1)
     """
     anp = AttentiveNP("anp", **anp_options)
@@ -462,11 +460,12 @@ def LatentNP(
 
     Args:
         name: prefix of the site names.
-        x_dim, y_dim: input and output dimensions.
+        x_dim: input dimension.
+        y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
         latent_dim: dimension of ``z``.
-        encoder_depth, decoder_depth: number of hidden layers of the set encoders and of the
-            decoder.
+        encoder_depth: number of hidden layers of the set encoders.
+        decoder_depth: number of hidden layers of the decoder.
         deterministic_path: also condition the decoder on a mean-pooled ``r`` of the context.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
@@ -518,12 +517,16 @@ def latent_np_model(
     ``z ~ p(z | context)`` (site ``"z"``, ``(batch, latent_dim)``, the context-amortised
     Gaussian of `LNP.latent`), then ``y ~ Normal(mean, sd)`` independently per target point
     given ``z``, masked by ``mask_target``; deterministic sites ``"mean"`` and ``"sd"``. Pair
-    it with `latent_np_guide` (``q(z | context and targets)``) in `train_np`: the loss is then
-    the NP ELBO of Garnelo et al. (2018b),
+    it with `latent_np_guide` (``q(z | context and targets)``), ``probdyn.fit(latent_np_model,
+    stream, engine=probdyn.VI(guide=latent_np_guide))``: the loss is then the NP ELBO of
+    Garnelo et al. (2018b),
     ``-E_q[log p(y_T | z)] + KL(q(z | T) || p(z | C))`` per target point.
 
     Args:
-        x_context, y_context, mask_context, x_target: the conditioning set and target inputs.
+        x_context: ``(batch, n_c, x_dim)`` context inputs.
+        y_context: ``(batch, n_c, y_dim)`` context observations.
+        mask_context: ``(batch, n_c)`` bool, the real context points.
+        x_target: ``(batch, n_t, x_dim)`` target inputs.
         y_target: observed target values, or None to sample them.
         mask_target: which target slots are real (default all).
         **lnp_options: passed to `LatentNP` (e.g. ``hidden=64``).
@@ -534,7 +537,7 @@ def latent_np_model(
         ...     tr = pyro.poutine.trace(latent_np_model).get_trace(
         ...         torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5, dtype=torch.bool),
         ...         torch.zeros(2, 7, 1), hidden=8, latent_dim=3)
-        >>> tuple(tr.nodes["z"]["value"].shape), tuple(tr.nodes["y"]["value"].shape)
+        >>> tuple(tr.nodes["z"].get("value").shape), tuple(tr.nodes["y"].get("value").shape)
         ((2, 3), (2, 7, 1))
     """
     lnp = LatentNP("lnp", **lnp_options)
@@ -564,7 +567,7 @@ def latent_np_guide(
         ...     tr = pyro.poutine.trace(latent_np_guide).get_trace(
         ...         torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5, dtype=torch.bool),
         ...         torch.zeros(2, 7, 1), torch.ones(2, 7, 1), hidden=8, latent_dim=3)
-        >>> tuple(tr.nodes["z"]["value"].shape)
+        >>> tuple(tr.nodes["z"].get("value").shape)
         (2, 3)
     """
     lnp = LatentNP("lnp", **lnp_options)
@@ -576,182 +579,3 @@ def latent_np_guide(
             mask = torch.as_tensor(mask_target, dtype=torch.bool)
         loc, scale = lnp.latent(x_target, y_target, mask)
     pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-
-@dataclasses.dataclass(frozen=True)
-class NPTrainResult:
-    """Trained params of a neural-process model and the loss trace.
-
-    Attributes:
-        params: ``{site: tensor}``, the model's ``param`` sites after training (detached).
-        losses: ``(num_steps,)`` negative target log-likelihood per target point.
-
-    Example:
-        >>> import numpy as np, torch
-        >>> NPTrainResult({"w": torch.zeros(2)}, np.zeros(3)).losses.shape
-        (3,)
-    """
-
-    params: dict[str, Tensor]
-    losses: np.ndarray
-
-
-def _task_kwargs(batch: Any) -> dict[str, Tensor]:
-    return {f: to_torch(np.asarray(getattr(batch, f))) for f in TASK_FIELDS}
-
-
-def _default_optimizer(params: Iterable[Tensor]) -> torch.optim.Optimizer:
-    # Adam(5e-4) with torch's defaults, which are optax.adam's (b1 0.9, b2 0.999, eps 1e-8).
-    return torch.optim.Adam(params, lr=5e-4)
-
-
-def _task_rng(seed: int) -> np.random.Generator:
-    # The words of jax.random.PRNGKey(seed), so an int key gives the NumPyro twin's task stream.
-    return np.random.default_rng([seed >> 32, seed & 0xFFFFFFFF])
-
-
-def _nll_per_point(
-    model: Callable[..., Any], params: dict[str, Tensor], batch: dict[str, Tensor], extra: Any
-) -> Tensor:
-    tr = poutine.trace(with_params(model, params)).get_trace(**batch, **extra)
-    return -tr.log_prob_sum() / batch["mask_target"].sum()
-
-
-def _init_params(
-    model: Callable[..., Any],
-    guide: Callable[..., Any] | None,
-    batch: dict[str, Tensor],
-    extra: dict[str, Any],
-) -> tuple[dict[str, Tensor], int]:
-    # Run inside `isolated`: the guide then the model initialise the private param store (a
-    # name shared with the guide keeps the guide's value), from torch's seeded RNG.
-    with torch.no_grad():
-        if guide is not None:
-            poutine.trace(guide).get_trace(**batch, **extra)
-        tr = poutine.trace(model).get_trace(**batch, **extra)
-    store = pyro.get_param_store()
-    params = {n: v.detach().clone().requires_grad_(True) for n, v in store.items()}
-    return params, plate_nesting(dict(tr.nodes))
-
-
-def _neg_elbo_per_point(
-    model: Callable[..., Any],
-    guide: Callable[..., Any],
-    params: dict[str, Tensor],
-    batch: dict[str, Tensor],
-    extra: Any,
-    elbo: pyro.infer.TraceMeanField_ELBO,
-) -> Tensor:
-    loss = elbo.differentiable_loss(
-        with_params(model, params), with_params(guide, params), **batch, **extra
-    )
-    return loss / batch["mask_target"].sum()
-
-
-def train_np(
-    model: Callable[..., Any],
-    sample_tasks: Callable[[np.random.Generator], Any],
-    *,
-    num_steps: int,
-    guide: Callable[..., Any] | None = None,
-    key: int | torch.Generator = 0,
-    optimizer: Optimizer | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-    progress_bar: bool = False,
-) -> NPTrainResult:
-    """Fit a neural-process model's params across task batches (maximum likelihood or ELBO).
-
-    Each step draws a fresh batch of tasks (``sample_tasks(rng)``, e.g. ``lambda r: gp_tasks(16,
-    key=r)``) and takes one optimiser step on the negative log-likelihood of the observed
-    site(s) per target point, ``-log p(y_T | x_T, context) / sum(mask_target)``. For
-    `conditional_np_model` the targets include the contexts (see `probdyn.data.GPTaskBatch`).
-    With a ``guide`` the loss is instead the negative mean-field ELBO per target point
-    (analytic KL for Gaussian sites, one reparameterised draw of the latents per step), and
-    model and guide params sharing a name are one parameter.
-    An int ``key`` gives the same task stream as the NumPyro twin's ``train_np`` with that key.
-
-    Args:
-        model: a Pyro model taking the `GPTaskBatch` fields as keyword arguments (e.g.
-            `conditional_np_model`).
-        sample_tasks: draws one batch (an object with the `GPTaskBatch` array fields) from
-            a ``numpy.random.Generator``.
-        num_steps: number of optimiser steps.
-        guide: None (maximum likelihood; the model's only non-observed sites are ``param``
-            sites) or a Pyro guide over the model's latent sites, taking the same arguments.
-        key: int seed or ``torch.Generator``; sets the initial weights, the task stream and
-            the latent draws.
-        optimizer: a callable from the list of parameter tensors to a
-            ``torch.optim.Optimizer``, e.g. ``functools.partial(torch.optim.Adam, lr=3e-3)``
-            (default Adam, learning rate 5e-4).
-        model_kwargs: extra keyword arguments for the model (e.g. ``{"hidden": 64}``).
-        progress_bar: show a tqdm bar.
-
-    Returns:
-        An `NPTrainResult` (params in torch's default dtype).
-
-    Raises:
-        ValueError: if ``num_steps`` is not a positive int.
-
-    Example:
-        >>> from probdyn.data._gp_tasks import gp_tasks
-        >>> res = train_np(conditional_np_model, lambda r: gp_tasks(4, key=r), num_steps=3,
-        ...                model_kwargs={"hidden": 8})
-        >>> res.losses.shape
-        (3,)
-    """
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"train_np(num_steps={num_steps!r}): must be a positive int.")
-    seed = as_seed(key)
-    rng = _task_rng(seed)
-    extra = dict(model_kwargs or {})
-    make_opt = _default_optimizer if optimizer is None else optimizer
-
-    losses = np.empty(num_steps)
-    with isolated(seed):
-        batch = _task_kwargs(sample_tasks(rng))
-        params, nesting = _init_params(model, guide, batch, extra)
-        # Mean-field ELBO: analytic KL between Gaussian guide and model sites, a one-draw
-        # reparameterised likelihood term (as the NumPyro twin).
-        elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=nesting)
-        opt = make_opt(list(params.values()))
-        for i in tqdm(range(num_steps), disable=not progress_bar, desc="train_np"):
-            opt.zero_grad()
-            if guide is None:
-                loss = _nll_per_point(model, params, batch, extra)
-            else:
-                loss = _neg_elbo_per_point(model, guide, params, batch, extra, elbo)
-            loss.backward()
-            opt.step()
-            losses[i] = float(loss.detach())
-            batch = _task_kwargs(sample_tasks(rng))
-    return NPTrainResult({n: p.detach() for n, p in params.items()}, losses)
-
-
-def predict_np(
-    model: Callable[..., Any],
-    params: dict[str, Tensor],
-    tasks: Any,
-    *,
-    model_kwargs: dict[str, Any] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predictive mean and sd ``(batch, n_t)`` of a trained 1-output NP model on a task batch.
-
-    ``params`` may hold tensors or arrays (e.g. a NumPyro twin's trained params). For a model
-    with latent sites (`latent_np_model`) these are the mean and sd given one draw of the
-    latents (seed 0); trace the model repeatedly for many draws of the Gaussian mixture.
-
-    Example:
-        >>> from probdyn.data._gp_tasks import gp_tasks
-        >>> res = train_np(conditional_np_model, lambda r: gp_tasks(4, key=r), num_steps=1,
-        ...                model_kwargs={"hidden": 8})
-        >>> mean, sd = predict_np(conditional_np_model, res.params, gp_tasks(3, key=1),
-        ...                       model_kwargs={"hidden": 8})
-        >>> mean.shape
-        (3, 50)
-    """
-    kwargs = {**_task_kwargs(tasks), "y_target": None, **(model_kwargs or {})}
-    values = {n: torch.as_tensor(np.asarray(v)) for n, v in params.items()}
-    with isolated(0), torch.no_grad():
-        tr = poutine.trace(with_params(model, values)).get_trace(**kwargs)
-    mean, sd = (torch.as_tensor(tr.nodes[n]["value"])[..., 0] for n in ("mean", "sd"))
-    return mean.numpy(), sd.numpy()

@@ -34,10 +34,13 @@ if TYPE_CHECKING:
 __all__ = ["forward_draws", "predict"]
 
 
-def _flat_draws(samples: dict[str, Any], latent: set[str]) -> tuple[tuple[int, ...], list[dict]]:
-    """``(chain, draw)`` and one dict of tensors per draw, in chain-major order."""
+def _flat_draws(
+    samples: dict[str, Any], latent: set[str], num: int | None = None
+) -> tuple[tuple[int, ...], list[dict]]:
+    """``(chain, draw)`` and one dict of tensors per draw, in chain-major order
+    (``num`` empty draws, default 1, without latent sites: an amortised posterior)."""
     if not latent:
-        return (1, 1), [{}]
+        return (1, num or 1), [{} for _ in range(num or 1)]
     lead = tuple(np.shape(samples[next(iter(latent))])[:2])
     flat = {k: torch.as_tensor(np.asarray(samples[k])).flatten(0, 1) for k in latent}
     return lead, [{k: v[i] for k, v in flat.items()} for i in range(lead[0] * lead[1])]
@@ -72,6 +75,7 @@ def forward_draws(
     seed: Any,
     *,
     latent: set[str],
+    num_draws: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Deterministic sites, pointwise log likelihood and posterior predictive per draw.
 
@@ -81,7 +85,7 @@ def forward_draws(
     """
     seed = as_seed(seed)
     args, kwargs = to_torch_args(args, kwargs)
-    lead, draws = _flat_draws(samples, latent)
+    lead, draws = _flat_draws(samples, latent, num_draws)
     det_rows, ll_rows, pp_rows = [], [], []
     with isolated(seed), torch.no_grad():
         for draw in draws:
@@ -120,8 +124,10 @@ def predict(
     *,
     key: Any,
     sites: list[str] | None,
+    num_draws: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """`Posterior.predict` for Pyro models (see there)."""
+    """`Posterior.predict` for Pyro models (see there); ``num_draws`` runs for an
+    amortised posterior."""
     assert post.model is not None
     seed = as_seed(key)
     args, kwargs = to_torch_args(args, kwargs)
@@ -129,7 +135,7 @@ def predict(
     model = with_params(post.model, post.params)
     if sites is not None:
         _check_sites(sites, model, args, kwargs)
-    lead, draws = _flat_draws(post.samples, latent)
+    lead, draws = _flat_draws(post.samples, latent, num_draws)
     rows = []
     with isolated(seed), torch.no_grad():
         for draw in draws:

@@ -224,8 +224,15 @@ def with_params(model: Callable[..., Any], params: dict[str, Any]) -> Callable[.
     """
     if not params:
         return model
-    # as_tensor keeps the dtype the values were fitted in (also after save/load).
-    return _SubstituteParams({k: torch.as_tensor(v) for k, v in params.items()})(model)
+    # as_tensor keeps the dtype the values were fitted in (also after save/load); a
+    # read-only array (NumPy's view of a JAX array) is copied, as torch needs a writable one.
+    return _SubstituteParams({k: _tensor(v) for k, v in params.items()})(model)
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        value = np.array(value)
+    return torch.as_tensor(value)
 
 
 class _SubstituteParams(Messenger):

@@ -11,6 +11,8 @@ Differences from the NumPyro runner, forced by Pyro:
   told the model's real plate nesting, so Pyro's site-shape check accepts them.
 * The fit runs in a private, empty parameter store: ``pyro.param`` sites start at
   their initial values and the user's own parameter store is left as it was.
+* A `probdyn.data.TaskStream` argument (training across task batches, an amortised
+  posterior) is handed to `probdyn.pyro._vi_stream.run_vi_stream`, as on NumPyro.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 from probdyn._engines import VI
 from probdyn._posterior import Posterior
+from probdyn.data._tasks import TaskStream
 from probdyn.pyro._build import build_posterior
 from probdyn.pyro._map import adam, map_estimate
 from probdyn.pyro._ode import reset_failed_solves
@@ -126,10 +129,15 @@ def run_vi(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
 ) -> Posterior:
     """Fit an autoguide (or the user's guide function) by SVI; its draws form one
-    chain of ``num_draws`` draws.
+    chain of ``num_draws`` draws. A `TaskStream` argument trains across tasks instead
+    (`run_vi_stream`).
 
     See the module docstring for how this differs from the NumPyro runner.
     """
+    if args and isinstance(args[0], TaskStream):
+        from probdyn.pyro._vi_stream import run_vi_stream
+
+        return run_vi_stream(model, args[0], kwargs, engine, key)
     seed = as_seed(key)
     targs, tkwargs = to_torch_args(args, kwargs)
     with isolated(seed):
