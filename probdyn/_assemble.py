@@ -17,7 +17,7 @@ import numpy as np
 from probdyn._engines import AbstractEngine
 from probdyn._posterior import Posterior
 
-__all__ = ["assemble_posterior"]
+__all__ = ["assemble_amortized", "assemble_posterior"]
 
 
 def assemble_posterior(
@@ -79,4 +79,44 @@ def assemble_posterior(
         model=model,
         model_args=args,
         model_kwargs=kwargs,
+    )
+
+
+def assemble_amortized(
+    *,
+    backend: str,
+    model: Callable[..., Any],
+    kwargs: dict[str, Any],
+    engine: AbstractEngine,
+    seed: Any,
+    versions: dict[str, str],
+    params: dict[str, np.ndarray],
+    losses: np.ndarray,
+    stream: Any,
+    num_failed_solves: int,
+    wall_time: float,
+    compile_time: float,
+) -> Posterior:
+    """The `Posterior` of a model trained across a `probdyn.data.TaskStream`: fitted
+    params, the loss trace, no draws; the stream and the model options in attrs."""
+    return assemble_posterior(
+        backend=backend,
+        model=model,
+        args=(),
+        kwargs=kwargs,
+        engine=engine,
+        seed=seed,
+        versions=versions,
+        latent={},
+        deterministic={},
+        log_likelihood={},
+        posterior_predictive={},
+        observed={},
+        params=params,
+        sample_stats={},
+        traces={"loss": np.asarray(losses)},
+        num_failed_solves=num_failed_solves,
+        wall_time=wall_time,
+        compile_time=compile_time,
+        extra_attrs={"stream": stream.describe(kwargs), "amortized": True},
     )

@@ -30,7 +30,7 @@ from numpyro.infer import SVI, TraceMeanField_ELBO
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
-from probdyn._assemble import assemble_posterior
+from probdyn._assemble import assemble_amortized
 from probdyn._engines import VI
 from probdyn._posterior import Posterior
 from probdyn.data._tasks import TaskStream, stream_rng
@@ -162,24 +162,17 @@ def run_vi_stream(
                 bar.set_postfix(loss=f"{float(loss[-1]):.4g}")
         params = jax.block_until_ready(svi.get_params(state))
     wall = time.perf_counter() - start
-    return assemble_posterior(
+    return assemble_amortized(
         backend="numpyro",
         model=model,
-        args=(),
         kwargs=kwargs,
         engine=engine,
         seed=seed_record(key),
         versions=versions(),
-        latent={},
-        deterministic={},
-        log_likelihood={},
-        posterior_predictive={},
-        observed={},
         params={k: np.asarray(v) for k, v in params.items()},
-        sample_stats={},
-        traces={"loss": np.concatenate(losses)},
+        losses=np.concatenate(losses),
+        stream=stream,
         num_failed_solves=failed_solves(),
         wall_time=wall,
         compile_time=timer.seconds,
-        extra_attrs={"stream": stream.describe(kwargs), "amortized": True},
     )

@@ -34,7 +34,7 @@ from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
-from probdyn._assemble import assemble_posterior
+from probdyn._assemble import assemble_amortized
 from probdyn._engines import VI
 from probdyn._posterior import Posterior
 from probdyn.data._tasks import TaskStream, stream_rng
@@ -155,24 +155,17 @@ def run_vi_stream(
                     bar.set_postfix(loss=f"{losses[step]:.4g}")
         params = {name: np.array(to_numpy(value)) for name, value in pyro.get_param_store().items()}
         wall = time.perf_counter() - begin
-    return assemble_posterior(
+    return assemble_amortized(
         backend="pyro",
         model=model,
-        args=(),
         kwargs=kwargs,
         engine=engine,
         seed=int(seed),
         versions=versions(),
-        latent={},
-        deterministic={},
-        log_likelihood={},
-        posterior_predictive={},
-        observed={},
         params=params,
-        sample_stats={},
-        traces={"loss": losses},
+        losses=losses,
+        stream=stream,
         num_failed_solves=failed_solves(),
         wall_time=wall,
         compile_time=0.0,
-        extra_attrs={"stream": stream.describe(kwargs), "amortized": True},
     )
