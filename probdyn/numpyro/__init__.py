@@ -5,6 +5,8 @@ Importing this module imports jax, numpyro, diffrax and equinox. The engines
 """
 
 from probdyn.numpyro._bnn import MLP, BayesianMLP, lift
+from probdyn.numpyro._latent import LatentODE, PaddedSeries, pad_series
+from probdyn.numpyro._latent_sde import LatentSDE
 from probdyn.numpyro._np import (
     ANP,
     CNP,
@@ -29,11 +31,15 @@ __all__ = [
     "BayesianMLP",
     "ConditionalNP",
     "LatentNP",
+    "LatentODE",
+    "LatentSDE",
     "NeuralODE",
     "NeuralSDE",
+    "PaddedSeries",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
     "latent_np_model",
     "lift",
+    "pad_series",
 ]

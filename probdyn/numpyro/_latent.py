@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -40,6 +40,7 @@ import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike, Float
 from numpyro.infer import Predictive
 
+from probdyn._series import PaddedSeries, pad_series
 from probdyn.numpyro._bnn import ACTIVATIONS, MLP, _init_mlp, lift
 from probdyn.numpyro._ode import NeuralODE, _concrete
 from probdyn.numpyro._util import as_key
@@ -47,89 +48,6 @@ from probdyn.numpyro._util import as_key
 __all__ = ["LatentODE", "PaddedSeries", "pad_series"]
 
 _WEIGHTS = dist.Normal(0.0, 1.0)  # unused by param sites; `lift` needs a prior argument
-
-
-# -- padding ragged series ----------------------------------------------------------------
-class PaddedSeries(NamedTuple):
-    """A batch of ragged series padded to a common length.
-
-    Attributes:
-        times: ``(B, T)`` float; each row strictly increasing (padding continues past
-            the series' last time in small steps, so ODE solvers accept every row).
-        values: ``(B, T, D)`` float; NaN at padding and at missing entries.
-        mask: ``(B, T, D)`` bool; True where a value was observed.
-        lengths: ``(B,)`` int; the number of time points of each series.
-    """
-
-    times: np.ndarray
-    values: np.ndarray
-    mask: np.ndarray
-    lengths: np.ndarray
-
-    def unpad(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """The original ragged ``(times, values)`` lists (missing entries stay NaN)."""
-        n = [int(k) for k in self.lengths]
-        return [self.times[b, :k] for b, k in enumerate(n)], [
-            self.values[b, :k] for b, k in enumerate(n)
-        ]
-
-
-def pad_series(times: Sequence[ArrayLike], values: Sequence[ArrayLike]) -> PaddedSeries:
-    """Pad ragged series (NumPy) into the batch layout `LatentODE` takes.
-
-    Missing values are NaN entries of ``values``; they and the padding are masked.
-
-    Args:
-        times: one 1-D strictly increasing array per series.
-        values: one ``(len(times[b]), D)`` (or ``(len(times[b]),)``, then D = 1) array
-            per series, NaN where an entry is missing.
-
-    Returns:
-        A `PaddedSeries` (``.unpad()`` inverts it).
-
-    Raises:
-        ValueError: for empty input, mismatched lengths or dimensions, non-finite or
-            non-increasing times.
-
-    Example:
-        >>> import numpy as np
-        >>> p = pad_series([np.array([0.0, 1.0]), np.array([0.5])], [np.ones(2), np.ones(1)])
-        >>> p.times.shape, p.values.shape, p.mask[1, :, 0].tolist()
-        ((2, 2), (2, 2, 1), [True, False])
-    """
-    if len(times) == 0 or len(times) != len(values):
-        raise ValueError(
-            f"pad_series: got {len(times)} time arrays and {len(values)} value arrays; "
-            "give one (non-empty) list entry per series in each."
-        )
-    ts = [np.asarray(t, dtype=float) for t in times]
-    vs = [np.asarray(v, dtype=float) for v in values]
-    vs = [v[:, None] if v.ndim == 1 else v for v in vs]
-    dims = {v.shape[-1] for v in vs}
-    for b, (t, v) in enumerate(zip(ts, vs)):
-        if t.ndim != 1 or t.size == 0 or v.ndim != 2 or v.shape[0] != t.size:
-            raise ValueError(
-                f"pad_series: series {b} has times of shape {t.shape} and values of shape "
-                f"{v.shape}; give 1-D times and values shaped (len(times), D)."
-            )
-        if not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
-            raise ValueError(
-                f"pad_series: times[{b}] must be finite and strictly increasing; sort the "
-                "series and drop duplicate or NaN times."
-            )
-    if len(dims) != 1:
-        raise ValueError(f"pad_series: series have different value dimensions {sorted(dims)}.")
-    lengths = np.array([t.size for t in ts])
-    longest, d = int(lengths.max()), dims.pop()
-    span = max(float(max(t[-1] for t in ts) - min(t[0] for t in ts)), 1.0)
-    step = 1e-3 * span / longest  # padding times: past the end, strictly increasing
-    out_t = np.empty((len(ts), longest))
-    out_v = np.full((len(ts), longest, d), np.nan)
-    for b, (t, v) in enumerate(zip(ts, vs)):
-        out_t[b, : t.size] = t
-        out_t[b, t.size :] = t[-1] + step * np.arange(1, longest - t.size + 1)
-        out_v[b, : t.size] = v
-    return PaddedSeries(out_t, out_v, np.isfinite(out_v), lengths)
 
 
 # -- the encoder ----------------------------------------------------------------------------
@@ -206,7 +124,8 @@ class LatentODE:
         decoder_sizes: hidden widths of the decoder MLP (ReLU).
         encoder_hidden: GRU hidden size.
         obs_scale: the fixed observation noise standard deviation.
-        solver, rtol, atol, max_steps, adjoint, dt0: passed to `NeuralODE` (a
+        solver: passed to `NeuralODE`, as are ``rtol``, ``atol``, ``max_steps``,
+            ``adjoint`` and ``dt0`` (a
             fixed-step solver such as ``"heun"`` needs ``dt0``).
         name: site-name prefix.
         seed: seed of the initial network weights.
@@ -218,7 +137,7 @@ class LatentODE:
         >>> times = np.tile(np.linspace(0.0, 1.0, 5), (4, 1))
         >>> with handlers.seed(rng_seed=0):
         ...     tr = handlers.trace(lode.model).get_trace(times, target_times=times)
-        >>> tr["latent.z0"]["value"].shape, tr["latent.forecast"]["value"].shape
+        >>> tr["latent.z0"].get("value").shape, tr["latent.forecast"].get("value").shape
         ((4, 3), (4, 5, 2))
     """
 
@@ -404,8 +323,10 @@ class LatentODE:
         """Decoded trajectories at ``target_times`` with ``z0`` drawn from the guide.
 
         Args:
-            params: fitted params (`LatentODEFit.params`).
-            times, values, mask: the observed series the encoder conditions on.
+            params: fitted params (`Posterior.params` of the fit).
+            times: ``(B, T)`` observation times of the series the encoder conditions on.
+            values: ``(B, T, D)`` their values (NaN allowed where masked).
+            mask: which entries were observed (default: the finite ones).
             target_times: ``(B, T')`` or ``(T',)`` times to predict at.
             key: an int seed or a JAX key.
             num_draws: draws of ``z0`` per series.

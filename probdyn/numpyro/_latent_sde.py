@@ -341,7 +341,8 @@ class LatentSDE:
         >>> times = np.tile(np.linspace(0.0, 1.0, 5), (4, 1))
         >>> with handlers.seed(rng_seed=0):
         ...     tr = handlers.trace(lsde.model).get_trace(times, target_times=[0.5, 1.5])
-        >>> tr["latent_sde.path_noise"]["value"].shape, tr["latent_sde.forecast"]["value"].shape
+        >>> noise, forecast = tr["latent_sde.path_noise"], tr["latent_sde.forecast"]
+        >>> noise.get("value").shape, forecast.get("value").shape
         ((4, 4, 3), (4, 2, 2))
     """
 
@@ -706,7 +707,9 @@ class LatentSDE:
 
         Args:
             params: fitted params (``post.params``).
-            times, values, mask: the observed series the encoder conditions on.
+            times: ``(B, T)`` observation times of the series the encoder conditions on.
+            values: ``(B, T, D)`` their values (NaN allowed where masked).
+            mask: which entries were observed (default: the finite ones).
             target_times: ``(B, T')`` or ``(T',)`` times to predict at.
             key: an int seed or a JAX key.
             num_draws: draws per series.

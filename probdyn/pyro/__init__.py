@@ -19,6 +19,8 @@ signature is identical to its NumPyro twin.
 """
 
 from probdyn.pyro._bnn import MLP, BayesianMLP, lift
+from probdyn.pyro._latent import LatentODE, PaddedSeries, pad_series
+from probdyn.pyro._latent_sde import LatentSDE
 from probdyn.pyro._np import (
     ANP,
     CNP,
@@ -43,13 +45,17 @@ __all__ = [
     "BayesianMLP",
     "ConditionalNP",
     "LatentNP",
+    "LatentODE",
+    "LatentSDE",
     "NeuralODE",
     "NeuralSDE",
+    "PaddedSeries",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
     "latent_np_model",
     "lift",
+    "pad_series",
 ]
 
 BACKEND_ONLY_KWARGS: dict[str, frozenset[str]] = {}
