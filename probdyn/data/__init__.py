@@ -7,6 +7,7 @@ from probdyn.data._gp_tasks import (
     gp_tasks,
     mean_log_likelihood,
 )
+from probdyn.data._ou import OUData, OUPredictive, ou_dataset, ou_oracle
 from probdyn.data._predator_prey import (
     HARE_LYNX,
     PredatorPreyData,
@@ -21,6 +22,8 @@ __all__ = [
     "TASK_FIELDS",
     "GPPredictive",
     "GPTaskBatch",
+    "OUData",
+    "OUPredictive",
     "PredatorPreyData",
     "TaskStream",
     "gp_oracle",
@@ -29,6 +32,8 @@ __all__ = [
     "hare_lynx",
     "lotka_volterra",
     "mean_log_likelihood",
+    "ou_dataset",
+    "ou_oracle",
     "stream_rng",
     "synthetic_predator_prey",
 ]
