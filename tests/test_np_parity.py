@@ -45,17 +45,24 @@ NAMES = [
     "AttentiveNP",
     "ConditionalNP",
     "LatentNP",
+    "attentive_np_guide",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
     "latent_np_model",
 ]
-METHODS = {"ANP": ["__call__", "attend"], "CNP": ["__call__"], "LNP": ["__call__", "latent"]}
+METHODS = {
+    "ANP": ["__call__", "attend", "latent"],
+    "CNP": ["__call__"],
+    "LNP": ["__call__", "latent"],
+}
 OPTIONS = {  # small networks with every option away from its default
     "conditional_np_model": {"hidden": 8, "encoder_depth": 2, "decoder_depth": 3},
     "attentive_np_model": {"hidden": 8, "num_heads": 2, "encoder_depth": 2, "decoder_depth": 3},
     "latent_np_model": {"hidden": 8, "latent_dim": 3, "encoder_depth": 2, "decoder_depth": 3},
 }
+# The attentive NP with its latent path (the full ANP), for the model and its guide.
+LATENT_ANP = OPTIONS["attentive_np_model"] | {"latent_dim": 3}
 
 
 pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
@@ -96,10 +103,19 @@ def _torch_trace(model: str, tasks, params: dict | None = None, data=None, **opt
         return poutine.trace(fn).get_trace(**kw, **options).nodes
 
 
-@pytest.mark.parametrize("model", [*OPTIONS, "latent_np_guide"])
-def test_same_sites(model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        *OPTIONS.items(),
+        ("latent_np_guide", OPTIONS["latent_np_model"]),
+        ("attentive_np_model", LATENT_ANP),
+        ("attentive_np_guide", LATENT_ANP),
+    ],
+    ids=[*OPTIONS, "latent_np_guide", "attentive_np_model-latent", "attentive_np_guide"],
+)
+def test_same_sites(model: str, options: dict) -> None:
     tasks = gp_tasks(2, key=0)
-    options = OPTIONS.get(model, OPTIONS["latent_np_model"]) | {"min_sd": 0.05}
+    options = options | {"min_sd": 0.05}
     jtr, ttr = _jax_trace(model, tasks, **options), _torch_trace(model, tasks, **options)
     kinds = ("param", "sample", "deterministic")
     shapes = lambda tr: {n: tuple(s["value"].shape) for n, s in tr.items() if s["type"] in kinds}
@@ -111,7 +127,11 @@ def test_same_sites(model: str) -> None:
         for n, s in tr.items()
         if s["type"] == "sample" and s["is_observed"] and not n.startswith(("mean", "sd"))
     )
-    assert observed(ttr) == observed(jtr) == ([] if model == "latent_np_guide" else ["y"])
+    assert observed(ttr) == observed(jtr) == ([] if model.endswith("guide") else ["y"])
+    latent = lambda tr: sorted(
+        n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]
+    )
+    assert latent(ttr) == latent(jtr) == (["z"] if "latent_dim" in options else [])
 
 
 def _weights(model: str, tasks, seed: int, **options) -> dict[str, np.ndarray]:
@@ -224,6 +244,38 @@ def test_latent_np_same_weights_same_numbers(deterministic_path: bool) -> None:
     # p(z | context) in the model and q(z | targets) in the guide.
     jguide = _jax_trace("latent_np_guide", tasks, weights, **options)
     tguide = _torch_trace("latent_np_guide", tasks, weights, **options)
+    for jt, tt in ((jtr, ttr), (jguide, tguide)):
+        jd, td = jt["z"]["fn"].base_dist, tt["z"]["fn"].base_dist
+        np.testing.assert_allclose(td.loc, jd.loc, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(td.scale, jd.scale, rtol=TOL, atol=TOL)
+    # The guide sees the targets, so it differs from the model's prior.
+    shift = jguide["z"]["fn"].base_dist.loc - jtr["z"]["fn"].base_dist.loc
+    assert float(jnp.abs(shift).max()) > 1e-3
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_attentive_np_with_latent_path_same_weights_same_numbers(activation: str) -> None:
+    options = {"hidden": 16, "num_heads": 4, "latent_dim": 3, "activation": activation}
+    tasks = gp_tasks(5, key=6)
+    weights = _weights("attentive_np_model", tasks, 5, **options)
+    z = np.random.default_rng(7).normal(size=(5, 3))
+    jtr = _jax_trace("attentive_np_model", tasks, weights, {"z": z}, **options)
+    ttr = _torch_trace("attentive_np_model", tasks, weights, {"z": z}, **options)
+    for site in ("mean", "sd"):  # the decoder given z and the attention to the context
+        np.testing.assert_allclose(ttr[site]["value"], jtr[site]["value"], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(
+        float(ttr["y"]["fn"].log_prob(ttr["y"]["value"]).sum()),
+        float(jtr["y"]["fn"].log_prob(jtr["y"]["value"]).sum()),
+        rtol=TOL,
+    )
+    # The weights and z matter: the sd head is off its floor, and another z moves the mean.
+    jsd = np.asarray(jtr["sd"]["value"])
+    assert jsd.max() > 0.1 and float(np.std(jtr["mean"]["value"])) > 1e-2
+    other = _jax_trace("attentive_np_model", tasks, weights, {"z": z + 1.0}, **options)
+    assert float(jnp.abs(other["mean"]["value"] - jtr["mean"]["value"]).max()) > 1e-3
+    # p(z | context) in the model and q(z | targets) in the guide.
+    jguide = _jax_trace("attentive_np_guide", tasks, weights, **options)
+    tguide = _torch_trace("attentive_np_guide", tasks, weights, **options)
     for jt, tt in ((jtr, ttr), (jguide, tguide)):
         jd, td = jt["z"]["fn"].base_dist, tt["z"]["fn"].base_dist
         np.testing.assert_allclose(td.loc, jd.loc, rtol=TOL, atol=TOL)

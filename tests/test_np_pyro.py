@@ -18,6 +18,7 @@ from probdyn.pyro._np import (  # noqa: E402
     AttentiveNP,
     ConditionalNP,
     LatentNP,
+    attentive_np_guide,
     attentive_np_model,
     conditional_np_model,
     latent_np_guide,
@@ -245,6 +246,39 @@ def test_latent_np_predict_draws_z_from_the_context() -> None:
         tr = _network(model, post.params, kw, hidden=8, latent_dim=2)
         np.testing.assert_allclose(pred["mean"][0, d], tr["mean"]["value"][0, :, 0], rtol=1e-12)
         np.testing.assert_allclose(pred["sd"][0, d], tr["sd"]["value"][0, :, 0], rtol=1e-12)
+
+
+def test_attentive_np_with_latent_path_fits_and_draws_z_from_the_context() -> None:
+    # The full ANP (latent_dim set): a 3-step NP-ELBO fit with attentive_np_guide runs, and
+    # prediction draws z ~ p(z | context) per run, decoded to that run's mean and sd.
+    opts = {"hidden": 8, "num_heads": 2, "latent_dim": 2}
+    engine = probdyn.VI(guide=attentive_np_guide, num_steps=3, progress_bar=False)
+    post = probdyn.fit(attentive_np_model, STREAM, engine=engine, key=0, **opts)
+    assert post.traces["loss"].shape == (3,) and np.isfinite(post.traces["loss"]).all()
+    assert "anp.latent_head.layers.1.weight" in post.params and post.attrs["latent_sites"] == []
+    rng = np.random.default_rng(1)
+    x_c, x_t = rng.uniform(-2, 2, 5), np.linspace(-2, 2, 7)
+    y_c = np.sin(x_c)
+    pred = post.predict(x_t, context=(x_c, y_c), num_draws=4, key=3)
+    assert pred["z"].shape == (1, 4, 2) and pred["mean"].shape == (1, 4, 7)
+    assert not np.allclose(pred["z"][0, 0], pred["z"][0, 1])
+    assert not np.allclose(pred["mean"][0, 0], pred["mean"][0, 1])
+    kw = {
+        "x_context": x_c[None, :, None],
+        "y_context": y_c[None, :, None],
+        "mask_context": np.ones((1, 5), bool),
+        "x_target": x_t[None, :, None],
+    }
+    for d in range(4):
+        z = torch.as_tensor(pred["z"][0, d][None])
+        model = poutine.condition(attentive_np_model, data={"z": z})
+        tr = _network(model, post.params, kw, **opts)
+        np.testing.assert_allclose(pred["mean"][0, d], tr["mean"]["value"][0, :, 0], rtol=1e-12)
+        np.testing.assert_allclose(pred["sd"][0, d], tr["sd"]["value"][0, :, 0], rtol=1e-12)
+    # Without latent_dim the attentive model has no latent site, and the guide says so.
+    engine = probdyn.VI(guide=attentive_np_guide, num_steps=1, progress_bar=False)
+    with pytest.raises(ValueError, match=r"attentive_np_guide\(latent_dim=None\)"):
+        probdyn.fit(attentive_np_model, STREAM, engine=engine, hidden=8, num_heads=2)
 
 
 def test_a_loaded_posterior_predicts_the_same(tmp_path) -> None:

@@ -5,8 +5,9 @@
 equinox module that maps a (padded, masked) context set and target inputs to a per-point
 Gaussian predictive. `conditional_np_model`, `attentive_np_model` and `latent_np_model` are
 NumPyro models over a batch of tasks (observed site ``"y"``; the latent model also has the
-sample site ``"z"``, and `latent_np_guide` is its amortised guide). Train them across tasks
-with ``probdyn.fit(model, probdyn.data.gp_task_stream(16), engine=probdyn.VI(...))`` (maximum
+sample site ``"z"``, and `latent_np_guide` is its amortised guide; so has the attentive model
+given ``latent_dim``, with `attentive_np_guide`). Train them across tasks with
+``probdyn.fit(model, probdyn.data.gp_task_stream(16), engine=probdyn.VI(...))`` (maximum
 likelihood, or with ``VI(guide=latent_np_guide)`` the NP ELBO) and predict on a new task with
 ``posterior.predict(x_target, context=(x_context, y_context))``.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "AttentiveNP",
     "ConditionalNP",
     "LatentNP",
+    "attentive_np_guide",
     "attentive_np_model",
     "conditional_np_model",
     "latent_np_guide",
@@ -54,6 +56,16 @@ def _masked_mean(h: Array, mask: Array) -> Array:
 def _per_target(r: Array, x_target: Array) -> Array:
     """A per-task vector ``(..., d)`` repeated for every target point: ``(..., n_t, d)``."""
     return jnp.broadcast_to(r[..., None, :], (*x_target.shape[:-1], r.shape[-1]))
+
+
+def _latent_gaussian(
+    encoder: MLP, head: MLP, x: Array, y: Array, mask: Array
+) -> tuple[Array, Array]:
+    """``(loc, scale)`` of ``z`` given the masked set ``(x, y)``: mean pool, then the head."""
+    s = _masked_mean(encoder(jnp.concatenate([x, y], axis=-1)), mask)
+    loc, raw = jnp.split(head(s), 2, axis=-1)
+    # The 0.1 floor on the latent scale follows juho-lee/bnp and the DeepMind NP notebook.
+    return loc, 0.1 + 0.9 * jax.nn.sigmoid(raw)
 
 
 class CNP(eqx.Module):
@@ -217,6 +229,8 @@ class ANP(eqx.Module):
     ``v_i = encoder([x_i, y_i])``, ``k_i = key_query(x_i)`` over the context,
     ``q_j = key_query(x*_j)``; ``r_j = MultiHead(q_j, k, v)``, masked to the real context
     points; ``[mu, raw] = decoder([x*_j, r_j])``, ``sd = min_sd + (1 - min_sd) softplus(raw)``.
+    With a latent path (``latent_encoder`` and ``latent_head`` set, as in `LNP`): ``z`` has
+    the Gaussian ``latent(x, y, mask)`` and the decoder sees ``[x*_j, r_j, z]``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -237,6 +251,26 @@ class ANP(eqx.Module):
     decoder: MLP
     num_heads: int = eqx.field(static=True)
     min_sd: float = eqx.field(static=True)
+    latent_encoder: MLP | None = None
+    latent_head: MLP | None = None
+
+    def latent(
+        self,
+        x: Float[Array, "batch n x_dim"],
+        y: Float[Array, "batch n y_dim"],
+        mask: Float[Array, "batch n"],
+    ) -> tuple[Float[Array, "batch latent"], Float[Array, "batch latent"]]:
+        """Location and scale of the Gaussian over ``z`` given the masked set ``(x, y)``.
+
+        Raises:
+            ValueError: if the network has no latent path.
+        """
+        if self.latent_encoder is None or self.latent_head is None:
+            raise ValueError(
+                "ANP.latent: this attentive NP has no latent path; build it with "
+                "AttentiveNP(..., latent_dim=k) to have one."
+            )
+        return _latent_gaussian(self.latent_encoder, self.latent_head, x, y, mask)
 
     def attend(
         self,
@@ -267,9 +301,24 @@ class ANP(eqx.Module):
         y_context: Float[Array, "batch n_c y_dim"],
         mask_context: Float[Array, "batch n_c"],
         x_target: Float[Array, "batch n_t x_dim"],
+        z: Float[Array, "batch latent"] | None = None,
     ) -> tuple[Float[Array, "batch n_t y_dim"], Float[Array, "batch n_t y_dim"]]:
-        r = self.attend(x_context, y_context, mask_context, x_target)
-        mean, raw = jnp.split(self.decoder(jnp.concatenate([x_target, r], axis=-1)), 2, axis=-1)
+        parts = [x_target, self.attend(x_context, y_context, mask_context, x_target)]
+        if self.latent_head is None:
+            if z is not None:
+                raise ValueError(
+                    f"ANP(z=<array of shape {tuple(jnp.shape(z))}>): this attentive NP has no "
+                    "latent path; pass z=None, or build it with AttentiveNP(..., latent_dim=k)."
+                )
+        elif z is None:
+            raise ValueError(
+                "ANP(z=None): this attentive NP has a latent path and needs z of shape "
+                "(batch, latent_dim), e.g. a draw from anp.latent(x_context, y_context, "
+                "mask_context)."
+            )
+        else:
+            parts.append(_per_target(z, x_target))
+        mean, raw = jnp.split(self.decoder(jnp.concatenate(parts, axis=-1)), 2, axis=-1)
         return mean, self.min_sd + (1.0 - self.min_sd) * jax.nn.softplus(raw)
 
 
@@ -280,6 +329,7 @@ def AttentiveNP(
     y_dim: int = 1,
     hidden: int = 128,
     num_heads: int = 8,
+    latent_dim: int | None = None,
     encoder_depth: int = 3,
     decoder_depth: int = 2,
     min_sd: float = 0.1,
@@ -295,9 +345,17 @@ def AttentiveNP(
     (``hidden -> hidden``), masked to the real context points; and the decoder of
     `ConditionalNP` on ``[x*, r(x*)]``. Attention lets the prediction at ``x*`` weigh the nearby
     context points, the fix Kim et al. give for the CNP's underfitting of its own context.
-    There is no latent path (yet). Sites are ``f"{name}.{part}.layers.{i}.weight"`` (and
-    ``.bias``) for part in ``encoder``, ``key_query``, ``attention.query``, ``attention.key``,
-    ``attention.value``, ``attention.output``, ``decoder``.
+    Sites are ``f"{name}.{part}.layers.{i}.weight"`` (and ``.bias``) for part in ``encoder``,
+    ``key_query``, ``attention.query``, ``attention.key``, ``attention.value``,
+    ``attention.output``, ``decoder``.
+
+    With ``latent_dim=k`` it is the full ANP of Kim et al. (2019): a global latent path as in
+    `LatentNP` (a set encoder ``latent_encoder = [x_dim + y_dim, hidden x encoder_depth]``, a
+    masked mean pool and ``latent_head = [hidden, hidden, 2 k]``; scale
+    ``0.1 + 0.9 sigmoid(raw)``) is added, and the decoder's input becomes ``[x*, r(x*), z]``
+    (``x_dim + hidden + k`` wide). Its extra sites are ``f"{name}.latent_encoder..."`` and
+    ``f"{name}.latent_head..."``; with ``latent_dim=None`` the network and sites are the
+    deterministic ones above.
 
     Args:
         name: prefix of the site names.
@@ -305,14 +363,17 @@ def AttentiveNP(
         y_dim: output dimension.
         hidden: width of every hidden layer and of the representation ``r``.
         num_heads: number of attention heads; must divide ``hidden``.
-        encoder_depth: number of hidden layers of the value encoder.
+        latent_dim: dimension of the global latent ``z``, or None for no latent path.
+        encoder_depth: number of hidden layers of the value (and latent) encoder.
         decoder_depth: number of hidden layers of the decoder.
         min_sd: floor of the predictive sd, in ``(0, 1)``.
         activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
 
     Returns:
-        An `ANP`; ``anp(x_c, y_c, mask_c, x_t)`` returns ``(mean, sd)``, each
-        ``(batch, n_t, y_dim)``.
+        An `ANP`; ``anp(x_c, y_c, mask_c, x_t)`` (with a latent path
+        ``anp(x_c, y_c, mask_c, x_t, z)``) returns ``(mean, sd)``, each
+        ``(batch, n_t, y_dim)``; with a latent path ``anp.latent(x, y, mask)`` gives the
+        ``(loc, scale)`` of ``z`` given a set.
 
     Raises:
         ValueError: for a non-positive size, ``num_heads`` not dividing ``hidden``, ``min_sd``
@@ -323,12 +384,19 @@ def AttentiveNP(
         >>> from numpyro import handlers
         >>> with handlers.seed(rng_seed=0):
         ...     anp = AttentiveNP("anp", hidden=16, num_heads=4)
+        ...     full = AttentiveNP("full", hidden=16, num_heads=4, latent_dim=3)
         >>> mean, sd = anp(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)),
         ...                jnp.zeros((2, 7, 1)))
         >>> mean.shape, bool((sd >= 0.1).all())
         ((2, 7, 1), True)
+        >>> loc, scale = full.latent(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)))
+        >>> full(jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)),
+        ...      jnp.zeros((2, 7, 1)), loc)[0].shape
+        (2, 7, 1)
     """
     sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden, "num_heads": num_heads}
+    if latent_dim is not None:
+        sizes["latent_dim"] = latent_dim
     sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
     act = _check_np_args("AttentiveNP", sizes, min_sd, activation)
     if hidden % num_heads:
@@ -342,11 +410,22 @@ def AttentiveNP(
         part: _param_mlp(f"{name}.attention.{part}", [hidden, hidden], act)
         for part in ("query", "key", "value", "output")
     }
-    decoder = _param_mlp(
-        f"{name}.decoder", [x_dim + hidden] + [hidden] * decoder_depth + [2 * y_dim], act
-    )
+    latent: dict[str, MLP] = {}
+    if latent_dim is not None:
+        set_sizes = [x_dim + y_dim] + [hidden] * encoder_depth
+        latent["latent_encoder"] = _param_mlp(f"{name}.latent_encoder", set_sizes, act)
+        head_sizes = [hidden, hidden, 2 * latent_dim]
+        latent["latent_head"] = _param_mlp(f"{name}.latent_head", head_sizes, act)
+    n_in = x_dim + hidden + (0 if latent_dim is None else latent_dim)
+    decoder = _param_mlp(f"{name}.decoder", [n_in] + [hidden] * decoder_depth + [2 * y_dim], act)
     return ANP(
-        encoder, key_query, decoder=decoder, num_heads=num_heads, min_sd=float(min_sd), **linear
+        encoder,
+        key_query,
+        decoder=decoder,
+        num_heads=num_heads,
+        min_sd=float(min_sd),
+        **linear,
+        **latent,
     )
 
 
@@ -363,7 +442,19 @@ def attentive_np_model(
 
     As `conditional_np_model` with the attentive network: ``y ~ Normal(mean, sd)`` per target
     point, masked by ``mask_target``, deterministic sites ``"mean"`` and ``"sd"``; train it by
-    maximum likelihood with `probdyn.fit` on a `probdyn.data.TaskStream`.
+    maximum likelihood with `probdyn.fit` on a `probdyn.data.TaskStream`. Given ``latent_dim``
+    (the full ANP) it first draws ``z ~ p(z | context)`` (site ``"z"``,
+    ``(batch, latent_dim)``, as in `latent_np_model`) and decodes given ``z``; train it then
+    with ``VI(guide=attentive_np_guide)``, the NP ELBO.
+
+    Args:
+        x_context: ``(batch, n_c, x_dim)`` context inputs.
+        y_context: ``(batch, n_c, y_dim)`` context observations.
+        mask_context: ``(batch, n_c)`` bool, the real context points.
+        x_target: ``(batch, n_t, x_dim)`` target inputs.
+        y_target: observed target values, or None to sample them.
+        mask_target: which target slots are real (default all).
+        **anp_options: passed to `AttentiveNP` (e.g. ``hidden=64, latent_dim=32``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -373,9 +464,18 @@ def attentive_np_model(
         ...     hidden=8, num_heads=2)
         >>> tr["y"].get("value").shape
         (2, 7, 1)
+        >>> tr = handlers.trace(handlers.seed(attentive_np_model, 0)).get_trace(
+        ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
+        ...     hidden=8, num_heads=2, latent_dim=3)
+        >>> tr["z"].get("value").shape
+        (2, 3)
     """
     anp = AttentiveNP("anp", **anp_options)
-    mean, sd = anp(x_context, y_context, mask_context, x_target)
+    z = None
+    if anp.latent_head is not None:
+        loc, scale = anp.latent(x_context, y_context, mask_context)
+        z = numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    mean, sd = anp(x_context, y_context, mask_context, x_target, z)
     numpyro.deterministic("mean", mean)
     numpyro.deterministic("sd", sd)
     mask = jnp.ones(mean.shape[:-1], bool) if mask_target is None else jnp.asarray(mask_target)
@@ -414,10 +514,7 @@ class LNP(eqx.Module):
         mask: Float[Array, "batch n"],
     ) -> tuple[Float[Array, "batch latent"], Float[Array, "batch latent"]]:
         """Location and scale of the Gaussian over ``z`` given the masked set ``(x, y)``."""
-        s = _masked_mean(self.latent_encoder(jnp.concatenate([x, y], axis=-1)), mask)
-        loc, raw = jnp.split(self.latent_head(s), 2, axis=-1)
-        # The 0.1 floor on the latent scale follows juho-lee/bnp and the DeepMind NP notebook.
-        return loc, 0.1 + 0.9 * jax.nn.sigmoid(raw)
+        return _latent_gaussian(self.latent_encoder, self.latent_head, x, y, mask)
 
     def __call__(
         self,
@@ -584,4 +681,48 @@ def latent_np_guide(
     else:
         mask = jnp.ones(y_target.shape[:-1], bool) if mask_target is None else mask_target
         loc, scale = lnp.latent(x_target, y_target, mask)
+    numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def attentive_np_guide(
+    x_context: Array,
+    y_context: Array,
+    mask_context: Array,
+    x_target: Array,
+    y_target: Array | None = None,
+    mask_target: Array | None = None,
+    **anp_options: Any,
+) -> None:
+    """The amortised guide of `attentive_np_model` with ``latent_dim``: ``z ~ q(z | targets)``.
+
+    As `latent_np_guide`: the latent encoder of the model's `AttentiveNP` (the same weights)
+    applied to the targets (which include the contexts in a `probdyn.data.GPTaskBatch`);
+    without ``y_target`` (prediction) it falls back to the context, so the guide is then the
+    model's ``p(z | context)``.
+
+    Raises:
+        ValueError: if ``anp_options`` has no ``latent_dim`` (the model then has no latent
+            site; fit it by maximum likelihood, ``VI()`` without a guide).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro import handlers
+        >>> tr = handlers.trace(handlers.seed(attentive_np_guide, 0)).get_trace(
+        ...     jnp.ones((2, 5, 1)), jnp.ones((2, 5, 1)), jnp.ones((2, 5)), jnp.zeros((2, 7, 1)),
+        ...     jnp.ones((2, 7, 1)), hidden=8, num_heads=2, latent_dim=3)
+        >>> tr["z"].get("value").shape
+        (2, 3)
+    """
+    if anp_options.get("latent_dim") is None:
+        raise ValueError(
+            f"attentive_np_guide(latent_dim={anp_options.get('latent_dim')!r}): the guide needs "
+            "the latent path; pass latent_dim=k (e.g. 32), or fit the deterministic "
+            "attentive_np_model by maximum likelihood with VI() and no guide."
+        )
+    anp = AttentiveNP("anp", **anp_options)
+    if y_target is None:
+        loc, scale = anp.latent(x_context, y_context, mask_context)
+    else:
+        mask = jnp.ones(y_target.shape[:-1], bool) if mask_target is None else mask_target
+        loc, scale = anp.latent(x_target, y_target, mask)
     numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
