@@ -15,6 +15,7 @@ from probdyn.data._predator_prey import (
     lotka_volterra,
     synthetic_predator_prey,
 )
+from probdyn.data._spirals import SpiralData, spirals
 from probdyn.data._tasks import TASK_FIELDS, TaskStream, gp_task_stream, stream_rng
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "OUData",
     "OUPredictive",
     "PredatorPreyData",
+    "SpiralData",
     "TaskStream",
     "gp_oracle",
     "gp_task_stream",
@@ -34,6 +36,7 @@ __all__ = [
     "mean_log_likelihood",
     "ou_dataset",
     "ou_oracle",
+    "spirals",
     "stream_rng",
     "synthetic_predator_prey",
 ]
