@@ -16,7 +16,8 @@ Speed: the time per training step of ``probdyn.fit`` against a hand-written NumP
 same stream) on the same model, compile excluded (both compile once, then run the same
 number of steps; three alternating rounds, medians; ratio = probdyn / hand-written).
 
-Run ``python benchmarks/neural_process.py`` (default: 20 000 steps per model) or
+Run ``python benchmarks/neural_process.py`` (default: 5000 steps per model, a twentieth of
+bnp's 100 000; 1.5-3.5 minutes of training per model on 2 CPU cores) or
 ``--quick`` (300 steps, 200 test tasks); ``--steps N`` overrides; ``--json PATH``.
 """
 
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per model")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
-    steps = args.steps or (300 if args.quick else 20_000)
+    steps = args.steps or (300 if args.quick else 5000)
     num_tasks = 200 if args.quick else 1000
     timing_steps = 100 if args.quick else 500
     h.warm_up_process()
