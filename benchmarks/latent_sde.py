@@ -56,8 +56,8 @@ import torchsde
 from torch import nn
 
 import probdyn
+from probdyn.data._lorenz import stochastic_lorenz as _stochastic_lorenz
 from probdyn.numpyro import LatentSDE as NumPyroLatentSDE
-from probdyn.numpyro._latent_sde import _stochastic_lorenz
 from probdyn.pyro import LatentSDE as PyroLatentSDE
 
 numpyro.enable_x64(False)

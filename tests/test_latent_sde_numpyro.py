@@ -15,8 +15,9 @@ from numpyro.infer import Trace_ELBO
 
 import probdyn
 from probdyn import VI
+from probdyn.data._lorenz import stochastic_lorenz as _stochastic_lorenz
 from probdyn.numpyro._latent import pad_series
-from probdyn.numpyro._latent_sde import _G_FLOOR, LatentSDE, _stochastic_lorenz
+from probdyn.numpyro._latent_sde import _G_FLOOR, LatentSDE
 
 # One small model for the fast tests (its scans compile once and are reused).
 _LSDE = LatentSDE(
@@ -308,7 +309,7 @@ def test_smoke_fit_on_stochastic_lorenz() -> None:
     # 16-particle estimate with a fixed key, at the initial and at the fitted weights.
     test_y = (_stochastic_lorenz(32, t, seed=3) - mu) / sd
 
-    def test_loss(params: dict[str, Any]) -> float:
+    def heldout_loss(params: dict[str, Any]) -> float:
         elbo = Trace_ELBO(num_particles=16)
         loss = elbo.loss(
             jax.random.PRNGKey(7), params, lsde.model, lsde.guide, times, test_y, t0=0.0
@@ -316,14 +317,14 @@ def test_smoke_fit_on_stochastic_lorenz() -> None:
         return float(loss) / 32
 
     before = discrepancy({})
-    test_before = test_loss({})
+    test_before = heldout_loss({})
     engine = VI(
         guide=lsde.guide, num_steps=500, learning_rate=2e-2, num_draws=8, progress_bar=False
     )
     post = probdyn.fit(lsde.model, times, y, t0=0.0, engine=engine, key=0)
     losses = post.traces["loss"]
     after = discrepancy(post.params)
-    test_after = test_loss({k: jnp.asarray(v) for k, v in post.params.items()})
+    test_after = heldout_loss({k: jnp.asarray(v) for k, v in post.params.items()})
     print(
         f"loss {losses[:50].mean():.0f} -> {losses[-50:].mean():.0f}; test -ELBO per series "
         f"{test_before:.1f} -> {test_after:.1f}; energy distance "

@@ -22,12 +22,10 @@ pytest.importorskip("numpyro")
 from numpyro import handlers  # noqa: E402
 from numpyro.primitives import Messenger  # noqa: E402
 from pyro import poutine  # noqa: E402
-from test_latent_sde_pyro import _lorenz  # noqa: E402
 
 import probdyn.pyro._latent_sde as torch_lsde  # noqa: E402
 from probdyn._series import pad_series  # noqa: E402
 from probdyn.numpyro._latent_sde import LatentSDE as JaxLatentSDE  # noqa: E402
-from probdyn.numpyro._latent_sde import _stochastic_lorenz  # noqa: E402
 from probdyn.pyro._latent_sde import LatentSDE as TorchLatentSDE  # noqa: E402
 from probdyn.pyro._util import with_params  # noqa: E402
 
@@ -78,11 +76,6 @@ def test_same_api() -> None:
         torch_sig = _signature(getattr(TorchLatentSDE, name))
         assert [s[0::2] for s in jax_sig] == [s[0::2] for s in torch_sig], name
         assert [s[1] for s in jax_sig] == [s[1] for s in torch_sig], name
-
-
-def test_lorenz_generators_agree() -> None:
-    t = np.array([0.0, 0.25, 1.0])
-    np.testing.assert_array_equal(_lorenz(5, t, seed=4), _stochastic_lorenz(5, t, seed=4))
 
 
 def _jax_trace(fn: Any, *args: Any, data: dict[str, Any], key: Any = None, **kw: Any) -> Any:

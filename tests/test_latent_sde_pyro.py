@@ -18,8 +18,8 @@ from pyro.infer import Trace_ELBO  # noqa: E402
 
 import probdyn  # noqa: E402
 from probdyn import VI  # noqa: E402
-from probdyn._sde_common import time_grid  # noqa: E402
 from probdyn._series import pad_series  # noqa: E402
+from probdyn.data._lorenz import stochastic_lorenz  # noqa: E402
 from probdyn.pyro._latent_sde import _G_FLOOR, LatentSDE  # noqa: E402
 from probdyn.pyro._util import with_params  # noqa: E402
 
@@ -341,23 +341,6 @@ def test_sample_prior_and_predict_are_seeded_and_isolated() -> None:
 
 
 # -- smoke fit on the stochastic Lorenz system ------------------------------------------------
-def _lorenz(num_series: int, times: np.ndarray, *, seed: int, dt: float = 1e-3) -> np.ndarray:
-    """Stochastic Lorenz paths (Li et al. 2020): drift (10, 28, 8/3), diagonal multiplicative
-    noise 0.15 per coordinate, (x, y, z)(0) ~ N(0, I) at t = 0; Euler–Maruyama on
-    probdyn's grid through ``times``. NumPy only; tests/test_latent_sde_parity.py checks it
-    against the NumPyro module's generator."""
-    rng = np.random.default_rng(seed)
-    grid, index = time_grid(0.0, np.asarray(times, dtype=np.float64), dt, 10**7)
-    s = rng.standard_normal((num_series, 3))
-    out = [s]
-    for h in np.diff(grid):
-        x, y, z = s[:, 0], s[:, 1], s[:, 2]
-        f = np.stack([10.0 * (y - x), 28.0 * x - y - x * z, x * y - 8.0 / 3.0 * z], -1)
-        s = s + f * h + 0.15 * s * np.sqrt(h) * rng.standard_normal(s.shape)
-        out.append(s)
-    return np.stack(out, 1)[:, index]
-
-
 def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
     """The (V-statistic) energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'|."""
     d = lambda a, b: float(np.linalg.norm(a[:, None] - b[None], axis=-1).mean())
@@ -370,7 +353,7 @@ def test_smoke_fit_on_stochastic_lorenz() -> None:
     # observation noise 0.01; 400 Adam steps at 3e-2 (~25-35 s on the shared 2-core machine).
     start = time.perf_counter()
     t = np.linspace(0.0, 1.0, 11)
-    raw = _lorenz(16, t, seed=0)
+    raw = stochastic_lorenz(16, t, seed=0)
     mu, sd = raw.reshape(-1, 3).mean(0), raw.reshape(-1, 3).std(0)
     y = (raw - mu) / sd + 0.01 * np.random.default_rng(1).standard_normal(raw.shape)
     times = np.tile(t, (16, 1))
@@ -385,7 +368,7 @@ def test_smoke_fit_on_stochastic_lorenz() -> None:
         obs_scale=0.3,
         z0_prior="learned",
     )
-    truth = (_lorenz(400, np.array([0.3, 1.0]), seed=2) - mu) / sd
+    truth = (stochastic_lorenz(400, np.array([0.3, 1.0]), seed=2) - mu) / sd
 
     def discrepancy(params: dict[str, Any]) -> list[float]:
         draws = lsde.sample_prior(params, np.array([0.3, 1.0]), num_series=400, t0=0.0, key=5)

@@ -9,18 +9,17 @@ thousands of times inside an ODE solve without touching the PPL again.
 from __future__ import annotations
 
 import fnmatch
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 
+from probdyn._init import init_layers as _init_layers
 from probdyn._validate import check_mlp_args, layer_index
 
 __all__ = ["MLP", "BayesianMLP", "lift"]
@@ -164,22 +163,6 @@ def lift(
         else:
             new.append(numpyro.param(f"{name}.{p}", leaf))
     return jax.tree_util.tree_unflatten(treedef, new)
-
-
-@functools.lru_cache(maxsize=64)
-def _init_layers(sizes: tuple[int, ...], seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    # Deterministic layers start at a Glorot-style scale; Bayesian ones are
-    # overwritten by their sample sites, so their initial values do not matter.
-    # NumPy, not jax.random, and cached: a model runs this on every trace, and
-    # eager jax.random calls compile small programs each time (measured: +2-3 s
-    # of compile per fit of a [1, 50, 1] BNN). The cache holds NumPy arrays, not
-    # jax ones: a jnp.asarray made while a jit/scan is tracing can be a tracer,
-    # and a cached tracer would leak into every later trace.
-    rng = np.random.default_rng(seed)
-    return tuple(
-        (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), np.zeros(n_out))
-        for n_in, n_out in zip(sizes[:-1], sizes[1:])
-    )
 
 
 def _init_mlp(sizes: Sequence[int], activation: Callable[[Array], Array], seed: int) -> MLP:

@@ -27,7 +27,6 @@ target_times=new_times, sites=["latent.forecast"])``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -40,6 +39,7 @@ import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike, Float
 from numpyro.infer import Predictive
 
+from probdyn._init import init_gru as _init_gru
 from probdyn._series import PaddedSeries, pad_series
 from probdyn.numpyro._bnn import ACTIVATIONS, MLP, _init_mlp, lift
 from probdyn.numpyro._ode import NeuralODE, _concrete
@@ -88,14 +88,6 @@ class GRUEncoder(eqx.Module):
         out = self.head(h)
         half = out.shape[-1] // 2
         return out[:half], jax.nn.softplus(out[half:]) + 1e-4
-
-
-@functools.lru_cache(maxsize=16)
-def _init_gru(n_in: int, hidden: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    # NumPy and cached, as in `_bnn._init_layers`: the guide runs this on every trace.
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_in + hidden, 3 * hidden)) / np.sqrt(n_in + hidden)
-    return w, np.zeros(3 * hidden)
 
 
 # -- the model ------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ with `LatentSDE.sample_prior`.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -72,9 +71,10 @@ from jaxtyping import Array, ArrayLike, Float
 from numpyro import handlers
 from numpyro.infer import Predictive
 
+from probdyn._init import init_diffusion as _init_diffusion
+from probdyn._init import init_gru as _init_gru
 from probdyn._sde_common import time_grid
 from probdyn.numpyro._bnn import ACTIVATIONS, MLP, _init_mlp, lift
-from probdyn.numpyro._latent import _init_gru
 from probdyn.numpyro._ode import _concrete
 from probdyn.numpyro._util import as_key
 
@@ -102,18 +102,6 @@ class _DiagonalDiffusion(eqx.Module):
         hidden = jax.nn.softplus(z[..., None] * self.w1 + self.b1)
         out = jnp.sum(hidden * self.w2, axis=-1) + self.b2
         return _G_FLOOR + (1.0 - _G_FLOOR) * jax.nn.sigmoid(out)
-
-
-@functools.lru_cache(maxsize=16)
-def _init_diffusion(latent: int, hidden: int, seed: int) -> tuple[np.ndarray, ...]:
-    # NumPy and cached, as `_bnn._init_layers`: model and guide run this on every trace.
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((latent, hidden)),
-        np.zeros((latent, hidden)),
-        rng.standard_normal((latent, hidden)) / np.sqrt(hidden),
-        np.zeros(latent),
-    )
 
 
 class _ContextEncoder(eqx.Module):
@@ -805,45 +793,3 @@ def _scalar_time(t0: Any) -> float:
     if value is None or np.size(value) != 1 or not np.isfinite(value).all():
         raise ValueError(f"LatentSDE: t0={t0!r} must be a concrete, finite scalar time.")
     return float(np.asarray(value).reshape(()))
-
-
-# -- data: the stochastic Lorenz system ------------------------------------------------------
-def _stochastic_lorenz(
-    num_series: int,
-    times: ArrayLike,
-    *,
-    a: tuple[float, float, float] = (10.0, 28.0, 8.0 / 3.0),
-    b: tuple[float, float, float] = (0.15, 0.15, 0.15),
-    dt: float = 1e-3,
-    seed: int = 0,
-) -> np.ndarray:
-    """Paths of the stochastic Lorenz system (Li et al. 2020, torchsde's example).
-
-    ``dx = a0 (y - x) dt + b0 x dW0``, ``dy = (a1 x - y - x z) dt + b1 y dW1``,
-    ``dz = (x y - a2 z) dt + b2 z dW2`` (Itô, diagonal multiplicative noise),
-    from ``(x, y, z)(0) ~ N(0, I)`` at ``t = 0``, by Euler–Maruyama with steps of
-    at most ``dt`` landing on every output time (NumPy).
-
-    Args:
-        num_series: the number of independent paths.
-        times: increasing output times, ``>= 0``.
-        a: the drift parameters ``(sigma, rho, beta)``.
-        b: the diffusion coefficients.
-        dt: the largest step.
-        seed: NumPy seed.
-
-    Returns:
-        ``(num_series, len(times), 3)``, unnormalised and noise-free.
-    """
-    rng = np.random.default_rng(seed)
-    out_t = np.asarray(times, dtype=np.float64)
-    grid, index = time_grid(0.0, out_t, dt, 10**7)
-    s = rng.standard_normal((num_series, 3))
-    coef = np.asarray(b)
-    path = [s]
-    for h in np.diff(grid):
-        x, y, z = s[:, 0], s[:, 1], s[:, 2]
-        f = np.stack([a[0] * (y - x), a[1] * x - y - x * z, x * y - a[2] * z], -1)
-        s = s + f * h + coef * s * np.sqrt(h) * rng.standard_normal(s.shape)
-        path.append(s)
-    return np.stack(path, 1)[:, index]

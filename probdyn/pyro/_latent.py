@@ -31,7 +31,6 @@ target_times=new_times, sites=["latent.forecast"])``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -43,6 +42,8 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from probdyn._init import init_gru as _init_gru
+from probdyn._init import init_layers as _init_layers
 from probdyn._series import PaddedSeries, pad_series
 from probdyn.pyro._bnn import ACTIVATIONS, MLP, Linear
 from probdyn.pyro._ode import NeuralODE
@@ -57,22 +58,6 @@ def _softplus(x: Tensor) -> Tensor:
 
 
 # -- initial weights (NumPy, as in the NumPyro twin, so one seed is one network) -----------
-@functools.lru_cache(maxsize=32)
-def _init_layers(sizes: tuple[int, ...], seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    rng = np.random.default_rng(seed)
-    return tuple(
-        (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), np.zeros(n_out))
-        for n_in, n_out in zip(sizes[:-1], sizes[1:])
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _init_gru(n_in: int, hidden: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_in + hidden, 3 * hidden)) / np.sqrt(n_in + hidden)
-    return w, np.zeros(3 * hidden)
-
-
 def _param(name: str, init: np.ndarray) -> Tensor:
     # A lazy initial value: built only when the parameter store has none yet.
     return cast(

@@ -30,7 +30,6 @@ Fit it with the ``VI`` engine and the guide::
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,9 @@ import pyro.poutine as poutine
 import torch
 from torch import Tensor
 
+from probdyn._init import init_diffusion as _init_diffusion
+from probdyn._init import init_gru as _init_gru
+from probdyn._init import init_layers as _init_layers
 from probdyn._sde_common import time_grid
 from probdyn.pyro._bnn import ACTIVATIONS, MLP, Linear
 from probdyn.pyro._util import as_seed, isolated, with_params
@@ -75,33 +77,6 @@ def _guide_deterministic(name: str, value: Tensor) -> None:
 
 
 # -- initial weights: NumPy, the same numbers as the NumPyro twin -----------------------------
-@functools.lru_cache(maxsize=64)
-def _init_layers(sizes: tuple[int, ...], seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    rng = np.random.default_rng(seed)
-    return tuple(
-        (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), np.zeros(n_out))
-        for n_in, n_out in zip(sizes[:-1], sizes[1:])
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _init_diffusion(latent: int, hidden: int, seed: int) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((latent, hidden)),
-        np.zeros((latent, hidden)),
-        rng.standard_normal((latent, hidden)) / np.sqrt(hidden),
-        np.zeros(latent),
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _init_gru(n_in: int, hidden: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_in + hidden, 3 * hidden)) / np.sqrt(n_in + hidden)
-    return w, np.zeros(3 * hidden)
-
-
 def _param(name: str, init: np.ndarray, **kwargs: Any) -> Tensor:
     """A ``pyro.param`` site initialised (lazily) at ``init`` in torch's default dtype."""
 
