@@ -62,7 +62,7 @@ def _param(name: str, init: np.ndarray) -> Tensor:
     # A lazy initial value: built only when the parameter store has none yet.
     return cast(
         Tensor,
-        pyro.param(name, lambda: torch.as_tensor(init, dtype=torch.get_default_dtype())),
+        pyro.param(name, lambda: torch.tensor(init, dtype=torch.get_default_dtype())),
     )
 
 

@@ -81,7 +81,7 @@ def _param(name: str, init: np.ndarray, **kwargs: Any) -> Tensor:
     """A ``pyro.param`` site initialised (lazily) at ``init`` in torch's default dtype."""
 
     def make() -> Tensor:
-        return torch.as_tensor(init, dtype=torch.get_default_dtype()).clone()
+        return torch.tensor(init, dtype=torch.get_default_dtype())
 
     return pyro.param(name, make, **kwargs)
 
