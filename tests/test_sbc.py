@@ -31,9 +31,10 @@ import pytest
 from numpyro import handlers
 
 import probdyn
+from probdyn._ecdf import ecdf_band, ecdf_test
 from probdyn._engines import AbstractEngine
 from probdyn._posterior import Posterior
-from probdyn._sbc import SBCResult, ecdf_band, ecdf_test, sbc
+from probdyn._sbc import SBCResult, sbc
 from probdyn.numpyro._util import uncondition
 from probdyn.testing import linear_regression_model, normal_model, normal_model_pyro
 
