@@ -259,3 +259,19 @@ def test_log_likelihood_at_held_out_observations(backend: str) -> None:
     finally:
         if backend == "pyro":
             torch.set_default_dtype(dtype)
+
+
+def test_nuts_fits_do_not_pile_up_compiled_sampling_loops() -> None:
+    # NumPyro compiles its sampling loop with a fresh jit of the loop body as a static
+    # argument on every run, so JAX's cache for it never hits and grew by one
+    # executable (with the sampler's closures) per fit; `run_mcmc` drops it.
+    import jax
+    from numpyro.util import _fori_collect_loop
+
+    from probdyn.testing import normal_model
+
+    loop = jax.jit(_fori_collect_loop, static_argnums=(0, 1), donate_argnums=3)
+    engine = probdyn.NUTS(num_warmup=20, num_samples=20, num_chains=1, progress_bar=False)
+    for key in range(2):
+        probdyn.fit(normal_model, np.zeros(5), engine=engine, key=key)
+        assert loop._cache_size() == 0

@@ -141,6 +141,24 @@ def _sample_stats(extra: dict[str, Any], nuts: bool) -> dict[str, np.ndarray]:
     return stats
 
 
+def _forget_sampling_loops() -> None:
+    """Drop NumPyro's compiled sampling loops from JAX's cache.
+
+    Without a progress bar, NumPyro runs the chain through ``jit(_fori_collect_loop)``
+    with the loop body as a static argument, and that body is a new ``jit`` wrapper on
+    every run: the cache never hits again, yet each entry keeps its executable and the
+    sampler's closures alive. Measured on a small BNN: about 25 MB more per fit, without
+    bound (a 50-fit SBC run), against about 3 MB with this; the fits take as long.
+    """
+    try:
+        from numpyro.util import _fori_collect_loop
+
+        loop: Any = jax.jit(_fori_collect_loop, static_argnums=(0, 1), donate_argnums=3)
+        loop.clear_cache()
+    except (ImportError, AttributeError):  # NumPyro or JAX internals changed: only a leak
+        pass
+
+
 def run_mcmc(
     model: Callable[..., Any],
     args: tuple[Any, ...],
@@ -191,6 +209,7 @@ def run_mcmc(
         samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     wall = time.perf_counter() - start
     extra = mcmc.get_extra_fields(group_by_chain=True)
+    _forget_sampling_loops()
     return build_posterior(
         model=model,
         args=args,
