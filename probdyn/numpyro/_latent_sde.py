@@ -76,7 +76,7 @@ from probdyn._init import init_gru as _init_gru
 from probdyn._sde_common import time_grid
 from probdyn.numpyro._bnn import ACTIVATIONS, MLP, _init_mlp, lift
 from probdyn.numpyro._ode import _concrete
-from probdyn.numpyro._util import as_key
+from probdyn.numpyro._util import ConcreteValueError, as_key
 
 __all__ = ["LatentSDE"]
 
@@ -454,7 +454,7 @@ class LatentSDE:
     ) -> _Layout:
         t = _concrete(times)
         if t is None:
-            raise ValueError(
+            raise ConcreteValueError(
                 "LatentSDE: times must be concrete (a NumPy array, not a traced value): the "
                 "step grid, hence the shape of the path_noise site, is built from them."
             )
@@ -527,7 +527,7 @@ class LatentSDE:
             return np.isfinite(np.asarray(v, dtype=float))
         given = _concrete(mask)
         if given is None:
-            raise ValueError(
+            raise ConcreteValueError(
                 "LatentSDE: mask must be concrete (a NumPy array): the step grid goes "
                 "through every observed time."
             )
@@ -596,7 +596,7 @@ class LatentSDE:
     ) -> None:
         given = _concrete(target_times)
         if given is None:
-            raise ValueError("LatentSDE: target_times must be concrete (a NumPy array).")
+            raise ConcreteValueError("LatentSDE: target_times must be concrete (a NumPy array).")
         target = np.asarray(given, dtype=np.float64)
         num_series = lay.times.shape[0]
         if target.ndim == 1:

@@ -48,7 +48,7 @@ from probdyn._sde_common import (
     time_grid,
 )
 from probdyn.numpyro._ode import _concrete, _ConvertedField, _count_failures
-from probdyn.numpyro._util import as_key
+from probdyn.numpyro._util import ConcreteValueError, as_key
 
 __all__ = ["NeuralSDE"]
 
@@ -606,7 +606,7 @@ def _standard_normal(name: str, shape: tuple[int, ...]) -> Array:
 def _concrete_times(times: Any) -> np.ndarray:
     value = _concrete(times)
     if value is None:
-        raise ValueError(
+        raise ConcreteValueError(
             "NeuralSDE: times must be concrete (a NumPy or JAX array, not a traced value): "
             "the step grid, hence the number of Brownian increments, is built from them. "
             "Pass times as a model argument, not a jit/vmap argument."

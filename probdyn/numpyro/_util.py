@@ -16,6 +16,12 @@ from numpyro.primitives import Messenger
 __all__ = ["as_key", "check_observed", "seed_record", "trace_model", "versions"]
 
 
+class ConcreteValueError(ValueError):
+    """A model argument must be a concrete array, and was traced (inside ``jax.jit``):
+    its values decide shapes, e.g. an SDE's step grid from its observation times.
+    probdyn's compiled forward pass catches it and compiles the data in instead."""
+
+
 def as_key(key: Any) -> jax.Array:
     """An int seed or a JAX key -> a JAX PRNG key (raw uint32 layout)."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
