@@ -275,3 +275,28 @@ def test_nuts_fits_do_not_pile_up_compiled_sampling_loops() -> None:
     for key in range(2):
         probdyn.fit(normal_model, np.zeros(5), engine=engine, key=key)
         assert loop._cache_size() == 0
+
+
+def test_predict_reuses_its_compiled_program_and_matches_the_constant_data_path() -> None:
+    # The forward pass is compiled once per model and argument shapes (data as traced
+    # arguments); a model that needs its data as values falls back to compiling them
+    # in. Both paths must give the same draws.
+    from probdyn.numpyro import _predict
+
+    def model(x, y=None):
+        net = BayesianMLP("net", [1, 8, 1])
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        numpyro.sample("y", dist.Normal(net(jnp.asarray(x)[:, None])[:, 0], s), obs=y)
+
+    x = np.linspace(-2.0, 2.0, 20)
+    post = probdyn.fit(model, x, np.sin(x), engine=probdyn.VI(num_steps=50, num_draws=20), key=0)
+    before = _predict._program.cache_info()
+    first = post.predict(np.linspace(-3.0, 3.0, 11), key=1)["y"]
+    second = post.predict(np.linspace(-1.0, 1.0, 11), key=1)["y"]
+    after = _predict._program.cache_info()
+    assert after.misses == before.misses + 1 and after.hits == before.hits + 1
+    assert first.shape == second.shape == (1, 20, 11)
+    _predict._CONCRETE_ONLY.add(model)
+    baked = post.predict(np.linspace(-1.0, 1.0, 11), key=1)["y"]
+    np.testing.assert_allclose(second, baked, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(first, second)
