@@ -113,7 +113,10 @@ def _map_draws(
         try:
             return jax.tree.map(np.asarray, run(keys, flat, params, arrays))
         except _NEEDS_CONCRETE_DATA:
-            _CONCRETE_ONLY.add(model)
+            try:
+                _CONCRETE_ONLY.add(model)
+            except TypeError:  # not weakly referenceable: it fails over again next call
+                pass
     run = jax.jit(
         lambda k, d, p: jax.lax.map(lambda kd: body(kd[0], kd[1], p, args, kwargs), (k, d))
     )
