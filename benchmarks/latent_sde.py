@@ -1,10 +1,10 @@
 """Latent SDE training speed: probdyn's `LatentSDE` against hand-written diffrax and torchsde
 latent SDEs on the stochastic Lorenz data, in one process (issue #5).
 
-Data: Li et al.'s stochastic Lorenz system (``_stochastic_lorenz``), 32 series on 21
-times in [0, 1], normalised per coordinate, observation noise 0.01. Every runner has the
-same sizes: latent 4, both drifts softplus MLPs with hidden (32, 32), a diagonal
-diffusion (one softplus net of 16 units per latent dimension, sigmoid output), a GRU
+Data: Li et al.'s stochastic Lorenz system (``probdyn.data._lorenz.stochastic_lorenz``), 32
+series on 21 times in [0, 1], normalised per coordinate, observation noise 0.01.
+Every runner has the same sizes: latent 4, both drifts softplus MLPs with hidden (32, 32),
+a diagonal diffusion (one softplus net of 16 units per latent dimension, sigmoid output), a GRU
 encoder (32 units) run backwards in time giving ``q(z0)`` and a 16-dimensional context
 for the posterior drift, a linear decoder, ``obs_scale`` 0.1, Euler–Maruyama with
 ``dt = 0.05`` (20 steps), Adam at 1e-2 decaying to 1e-3 over the run, one path per
@@ -56,7 +56,7 @@ import torchsde
 from torch import nn
 
 import probdyn
-from probdyn.data._lorenz import stochastic_lorenz as _stochastic_lorenz
+from probdyn.data._lorenz import stochastic_lorenz
 from probdyn.numpyro import LatentSDE as NumPyroLatentSDE
 from probdyn.pyro import LatentSDE as PyroLatentSDE
 
@@ -81,7 +81,7 @@ SIZES: dict[str, Any] = {
 def lorenz_data() -> tuple[np.ndarray, np.ndarray]:
     """Times ``(B, T)`` and normalised, noisy values ``(B, T, 3)`` (float32)."""
     t = np.linspace(0.0, 1.0, NUM_TIMES)
-    raw = _stochastic_lorenz(NUM_SERIES, t, seed=0)
+    raw = stochastic_lorenz(NUM_SERIES, t, seed=0)
     mu, sd = raw.reshape(-1, 3).mean(0), raw.reshape(-1, 3).std(0)
     y = (raw - mu) / sd + 0.01 * np.random.default_rng(1).standard_normal(raw.shape)
     return np.tile(t, (NUM_SERIES, 1)).astype(np.float32), y.astype(np.float32)

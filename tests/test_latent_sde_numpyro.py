@@ -15,7 +15,7 @@ from numpyro.infer import Trace_ELBO
 
 import probdyn
 from probdyn import VI
-from probdyn.data._lorenz import stochastic_lorenz as _stochastic_lorenz
+from probdyn.data._lorenz import stochastic_lorenz
 from probdyn.numpyro._latent import pad_series
 from probdyn.numpyro._latent_sde import _G_FLOOR, LatentSDE
 
@@ -264,24 +264,24 @@ def _energy_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 def test_lorenz_generator() -> None:
     t = np.array([0.0, 0.5, 1.0])
-    a = _stochastic_lorenz(4, t, seed=3)
+    a = stochastic_lorenz(4, t, seed=3)
     assert a.shape == (4, 3, 3) and np.all(np.isfinite(a))
-    np.testing.assert_array_equal(a, _stochastic_lorenz(4, t, seed=3))
+    np.testing.assert_array_equal(a, stochastic_lorenz(4, t, seed=3))
     # Without noise the paths are the (deterministic) Lorenz flow: Euler with dt and dt/2
     # agree to O(dt) from the same initial states.
-    coarse = _stochastic_lorenz(4, t, b=(0.0, 0.0, 0.0), dt=1e-3, seed=3)
-    fine = _stochastic_lorenz(4, t, b=(0.0, 0.0, 0.0), dt=5e-4, seed=3)
+    coarse = stochastic_lorenz(4, t, b=(0.0, 0.0, 0.0), dt=1e-3, seed=3)
+    fine = stochastic_lorenz(4, t, b=(0.0, 0.0, 0.0), dt=5e-4, seed=3)
     np.testing.assert_array_equal(coarse[:, 0], a[:, 0])
     assert np.abs(coarse - fine).max() < 0.05 * np.abs(fine).max()
 
 
-def test_smoke_fit_on_stochastic_lorenz() -> None:
+def test_smoke_fit_onstochastic_lorenz() -> None:
     # Li et al.'s stochastic Lorenz (a = (10, 28, 8/3), diagonal multiplicative noise 0.15
     # per coordinate, (x, y, z)(0) ~ N(0, I)) on t in [0, 1], 21 observation times, 32
     # series (not 1024), normalised per coordinate, observation noise 0.01; 500 Adam steps.
     start = time.perf_counter()
     t = np.linspace(0.0, 1.0, 21)
-    raw = _stochastic_lorenz(32, t, seed=0)
+    raw = stochastic_lorenz(32, t, seed=0)
     mu, sd = raw.reshape(-1, 3).mean(0), raw.reshape(-1, 3).std(0)
     y = (raw - mu) / sd + 0.01 * np.random.default_rng(1).standard_normal(raw.shape)
     times = np.tile(t, (32, 1))
@@ -299,7 +299,7 @@ def test_smoke_fit_on_stochastic_lorenz() -> None:
         obs_scale=0.3,
         z0_prior="learned",
     )
-    truth = (_stochastic_lorenz(400, np.array([0.25, 1.0]), seed=2) - mu) / sd
+    truth = (stochastic_lorenz(400, np.array([0.25, 1.0]), seed=2) - mu) / sd
 
     def discrepancy(params: dict[str, Any]) -> list[float]:
         draws = lsde.sample_prior(params, np.array([0.25, 1.0]), num_series=400, t0=0.0, key=5)
@@ -307,7 +307,7 @@ def test_smoke_fit_on_stochastic_lorenz() -> None:
 
     # Test ELBO: the negative ELBO per series on 32 fresh series (same normalisation),
     # 16-particle estimate with a fixed key, at the initial and at the fitted weights.
-    test_y = (_stochastic_lorenz(32, t, seed=3) - mu) / sd
+    test_y = (stochastic_lorenz(32, t, seed=3) - mu) / sd
 
     def heldout_loss(params: dict[str, Any]) -> float:
         elbo = Trace_ELBO(num_particles=16)

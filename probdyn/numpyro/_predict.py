@@ -55,11 +55,13 @@ def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable
         isinstance(x, (np.ndarray, jax.Array)) and np.dtype(x.dtype).kind in "biufc" for x in leaves
     )
     static = tuple(None if d else x for x, d in zip(leaves, dynamic))
-    return (treedef, dynamic, static), [x for x, d in zip(leaves, dynamic) if d]
+    # The types too: 1, 1.0 and True hash alike but may trace differently.
+    types = tuple(type(x) for x in static)
+    return (treedef, dynamic, static, types), [x for x, d in zip(leaves, dynamic) if d]
 
 
 def _join_args(spec: Any, arrays: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    treedef, dynamic, static = spec
+    treedef, dynamic, static, _types = spec
     values = iter(arrays)
     leaves = [next(values) if d else x for x, d in zip(static, dynamic)]
     args, kwargs = jax.tree.unflatten(treedef, leaves)
@@ -210,7 +212,6 @@ def forward_draws(
     """
     lead = np.shape(samples[next(iter(latent))])[:2] if latent else (1, num_draws or 1)
     flat = {k: jnp.reshape(samples[k], (-1, *np.shape(samples[k])[2:])) for k in latent}
-
     shared = {k: jnp.asarray(v) for k, v in params.items()}
     det, loglik, pp = _map_draws(
         _Forward(model), as_key(key), flat, shared, args, kwargs, num_draws
