@@ -155,6 +155,17 @@ print(json.dumps({
 """
 
 
+def test_members_stepped_in_batches_match_one_vmap(small: probdyn.Posterior) -> None:
+    # Stepping 3 of the 8 members at a time (lax.map batches, the last one short) is a
+    # speed choice: the same members and losses as one vmap, up to float64 rounding.
+    engine = dataclasses.replace(SMALL, progress_bar=False, members_per_batch=3)
+    batched = _fit("linear_regression", engine)
+    np.testing.assert_allclose(batched.samples["w"], small.samples["w"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(batched.traces["loss"], small.traces["loss"], rtol=1e-10)
+    with pytest.raises(ValueError, match="members_per_batch"):
+        probdyn.Ensemble(members_per_batch=0)
+
+
 def test_sharded_members_match_single_device(small: probdyn.Posterior, tmp_path: Path) -> None:
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")

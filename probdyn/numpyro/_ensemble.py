@@ -100,6 +100,7 @@ from tqdm.auto import tqdm
 from probdyn._engines import Ensemble
 from probdyn._ensemble_warnings import warn_non_finite, warn_not_jittered
 from probdyn._posterior import Posterior
+from probdyn.numpyro._batching import batch_size, map_batched
 from probdyn.numpyro._build import build_posterior
 from probdyn.numpyro._ode import reset_failed_solves
 from probdyn.numpyro._shard import num_devices_of, shard_leading
@@ -317,7 +318,8 @@ def _optimise(
     members: Tree,
     median: Tree,
 ) -> tuple[tuple[Tree, Any], np.ndarray]:
-    """Every member's optimisation, vmapped, in compiled blocks of steps (lax.scan).
+    """Every member's optimisation, vmapped (in cache-sized batches of members on a CPU,
+    see `_batching`), in compiled blocks of steps (lax.scan).
 
     Returns the final ``(u, optimiser state)`` and the losses, ``(members, steps)``.
     Blocks are ``ceil(num_steps / 50)`` steps long, so there are at most 50 of them
@@ -340,7 +342,10 @@ def _optimise(
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
         return pick(new_u, u), pick(new_opt_state, opt_state), loss
 
-    all_members = jax.vmap(step, in_axes=(0, 0, 0, None, None))
+    one = jax.tree.map(lambda a: a[0], (state[0], members))
+    loss_grad = jax.grad(lambda v, m: problem.terms(v, m, median, jnp.asarray(0))[0])
+    per_batch = batch_size(loss_grad, one, engine.num_members, engine.members_per_batch)
+    all_members = map_batched(step, per_batch, in_axes=(0, 0, 0, None, None))
 
     # members and median are arguments, not closed-over constants, so that the
     # compiled block follows their sharding.

@@ -42,6 +42,10 @@ moves the particles, so the returned draws are an unweighted sample (uniform
 stages stops with an error. Stages run in a Python loop over one compiled step;
 compiled programs are cached by model, data (by value) and engine settings, so a
 second fit of the same model and data (another key, say) compiles nothing.
+
+On a CPU the particles move in cache-sized batches, not all in one ``jax.vmap``
+(`particle_batch_size`, BlackJAX's ``batch_size``): on networks fitted to thousands
+of rows that is several times faster.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ from tqdm.auto import tqdm
 from probdyn import _smc_math
 from probdyn._engines import SMC
 from probdyn._posterior import Posterior
+from probdyn.numpyro._batching import batch_size
 from probdyn.numpyro._build import build_posterior
-from probdyn.numpyro._logdensity import flat_model, loglik_floor
+from probdyn.numpyro._logdensity import FlatModel, flat_model, loglik_floor
 from probdyn.numpyro._ode import reset_failed_solves
 from probdyn.numpyro._shard import num_devices_of, shard_leading
 from probdyn.numpyro._timing import CompileTimer
@@ -169,6 +174,7 @@ class _Program(NamedTuple):
     # only when a stage stalls, to tell "all particles invalid" from a degenerate
     # temperature step; a stage that advances reads it off its weights instead.
     count_valid: Callable[[jax.Array], jax.Array]
+    particles_per_batch: int  # particles moved at once (`particle_batch_size`)
 
 
 def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
@@ -195,6 +201,25 @@ def _all_invalid(log_increment: jax.Array, delta: jax.Array) -> jax.Array:
     return (delta > 0) & (log_increment <= delta * bad / 2)
 
 
+def particle_batch_size(fm: FlatModel, engine: SMC) -> int:
+    """How many particles one vectorised move takes: BlackJAX's ``batch_size`` (0: all).
+
+    ``engine.particles_per_batch`` when given, else `_batching.batch_size` of one
+    particle's gradient (cache-sized batches on a CPU, all particles elsewhere).
+
+    Example:
+        >>> import probdyn
+        >>> from probdyn.numpyro._logdensity import flat_model
+        >>> from probdyn.testing import normal_data, normal_model
+        >>> fm = flat_model(normal_model, normal_data().args, {}, ["mu"], {"y"})
+        >>> particle_batch_size(fm, probdyn.SMC(num_particles=100, particles_per_batch=10))
+        10
+    """
+    grad = jax.grad(lambda u: fm.logprior(u) + fm.loglik(u))
+    example = (jnp.zeros(fm.dim, jnp.result_type(float)),)
+    return batch_size(grad, example, engine.num_particles, engine.particles_per_batch)
+
+
 def _build_program(
     model: Callable[..., Any],
     args: tuple[Any, ...],
@@ -207,6 +232,7 @@ def _build_program(
     move = _move_kernel(engine)
     adaptive = engine.temperatures == "adaptive"
     fm = flat_model(model, args, kwargs, latent, likelihood_sites)
+    per_batch = particle_batch_size(fm, engine)
     target = _smc_math.target_acceptance(engine.kernel, fm.dim)
     gain = _smc_math.step_adapt_gain(engine.kernel)
     jitter_width = _smc_math.STEP_JITTER
@@ -252,6 +278,7 @@ def _build_program(
             resampling.systematic,
             partial(tune, state.parameter_override),
             num_mcmc_steps=engine.num_mcmc_steps,
+            batch_size=per_batch,
             **({"target_ess": engine.target_ess} if adaptive else {}),
         )
         new, info = kernel(key, state, **({} if adaptive else {"tempering_param": temperature}))
@@ -273,7 +300,13 @@ def _build_program(
     def count_valid(particles: jax.Array) -> jax.Array:
         return jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
 
-    return _Program(jax.jit(init), jax.jit(step), jax.jit(fm.constrain), jax.jit(count_valid))
+    return _Program(
+        jax.jit(init),
+        jax.jit(step),
+        jax.jit(fm.constrain),
+        jax.jit(count_valid),
+        per_batch or engine.num_particles,
+    )
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -301,6 +334,7 @@ def _program(
         engine.num_leapfrog_steps,
         engine.target_ess,
         engine.temperatures == "adaptive",
+        engine.particles_per_batch,
         str(jnp.result_type(float)),  # float64 or float32 (jax_enable_x64)
     )
     key = (model, treedef, tuple(_leaf_key(x) for x in leaves), config)
@@ -441,6 +475,7 @@ class SMCResult(NamedTuple):
         traces: per-temperature curves (``temperature``, ``acceptance_rate``,
             ``step_size``, ``ess``, ``log_evidence``), each ``(num_stages + 1,)``.
         num_devices: how many devices held the particles.
+        particles_per_batch: how many particles each vectorised move took.
     """
 
     draws: dict[str, np.ndarray]
@@ -448,6 +483,7 @@ class SMCResult(NamedTuple):
     log_evidence: float
     traces: dict[str, np.ndarray]
     num_devices: int = 1
+    particles_per_batch: int = 0
 
 
 def sample_smc(
@@ -486,6 +522,7 @@ def sample_smc(
         log_evidence=traces["log_evidence"][-1],
         traces={k: np.asarray(v) for k, v in traces.items()},
         num_devices=num_devices_of(state.sampler_state.particles),
+        particles_per_batch=program.particles_per_batch,
     )
 
 
@@ -530,5 +567,6 @@ def run_smc(
             "log_evidence": result.log_evidence,
             "num_stages": len(result.traces["temperature"]) - 1,
             "num_devices": result.num_devices,
+            "particles_per_batch": result.particles_per_batch,
         },
     )
