@@ -8,8 +8,9 @@ once for both backends.
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,30 @@ import numpy as np
 from probdyn._engines import AbstractEngine
 from probdyn._posterior import Posterior
 
-__all__ = ["assemble_amortized", "assemble_posterior"]
+__all__ = ["assemble_amortized", "assemble_posterior", "package_versions"]
+
+
+def package_versions(distributions: Sequence[str]) -> dict[str, str]:
+    """probdyn's version and those of the installed ``distributions``, for ``attrs["versions"]``.
+
+    probdyn's own comes from ``probdyn.__version__``, so a source checkout on the
+    path (not installed) records it too; a distribution that is not installed is
+    left out.
+
+    Example:
+        >>> import probdyn
+        >>> package_versions(["numpy"])["probdyn"] == probdyn.__version__
+        True
+    """
+    import probdyn
+
+    out = {"probdyn": probdyn.__version__}
+    for name in distributions:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def assemble_posterior(

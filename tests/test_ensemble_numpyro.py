@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -166,6 +167,9 @@ def test_members_stepped_in_batches_match_one_vmap(small: probdyn.Posterior) -> 
         probdyn.Ensemble(members_per_batch=0)
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="forces 4 CPU devices; the default backend is not CPU"
+)
 def test_sharded_members_match_single_device(small: probdyn.Posterior, tmp_path: Path) -> None:
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -244,7 +245,12 @@ def test_parallel_workers_give_the_serial_result() -> None:
     parallel = _sbc(engine, 4, num_rank_draws="all", num_workers=2)
     for name in serial.ranks:
         np.testing.assert_array_equal(parallel.ranks[name], serial.ranks[name])
-        np.testing.assert_array_equal(parallel.truths[name], serial.truths[name])
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(parallel.truths[name], serial.truths[name])
+        else:
+            # A GPU program compiled in another process may differ in the last bit
+            # (XLA picks its kernels per process): measured 1.3e-16 relative on an H100.
+            np.testing.assert_allclose(parallel.truths[name], serial.truths[name], rtol=1e-13)
 
 
 # ------------------------------------------------------------------- plots

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,8 @@ import numpy as np
 from numpyro import handlers
 from numpyro.distributions.distribution import Unit
 from numpyro.primitives import Messenger
+
+from probdyn._assemble import package_versions
 
 __all__ = ["as_key", "check_observed", "seed_record", "trace_model", "versions"]
 
@@ -86,10 +87,5 @@ class uncondition(Messenger):
 
 
 def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("probdyn", "jax", "numpyro", "diffrax", "equinox", "optax", "arviz"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    """Versions of probdyn and of the packages that produced a posterior."""
+    return package_versions(("jax", "numpyro", "diffrax", "equinox", "optax", "arviz"))

@@ -9,7 +9,6 @@ swaps in an empty private parameter store; all of it is restored on exit.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +20,8 @@ import torch
 from pyro.distributions import Unit
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
+
+from probdyn._assemble import package_versions
 
 __all__ = [
     "as_seed",
@@ -264,11 +265,5 @@ class uncondition(Messenger):
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages that produced a posterior."""
-    out = {}
-    for pkg in ("probdyn", "torch", "pyro-ppl", "torchdiffeq", "torchsde", "arviz"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    """Versions of probdyn and of the packages that produced a posterior."""
+    return package_versions(("torch", "pyro-ppl", "torchdiffeq", "torchsde", "arviz"))
