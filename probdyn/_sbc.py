@@ -12,6 +12,7 @@ Bürkner and Vehtari (2022). See ``docs/sbc.md``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -300,6 +301,8 @@ def sbc(
         num_workers: fits run in this many processes (``spawn`` context: JAX is
             not fork-safe). Each process imports the backend and compiles its own
             programs, so this pays off when a fit takes more than a few seconds.
+            The simulations are drawn in the calling process, so the truths and
+            simulated data are those of ``num_workers=1`` on every backend.
 
     Returns:
         An `SBCResult`.
@@ -515,8 +518,12 @@ def _min_ess(draws: dict[str, np.ndarray]) -> float:
 
 def _run_one(job: _Job, index: int) -> dict[str, Any]:
     """Simulate, fit and rank simulation ``index``; a JSON-friendly record."""
+    return _fit_and_rank(job, index, *_simulate(job, _seeds(job.key, index)[0]))
+
+
+def _fit_and_rank(job: _Job, index: int, sim: _Trace, redraws: int) -> dict[str, Any]:
+    """Fit the simulated data ``sim`` of simulation ``index`` and rank its truths."""
     seeds = _seeds(job.key, index)
-    sim, redraws = _simulate(job, seeds[0])
     truth = _truth(job, sim)
     fit_args, fit_kwargs = _with_data(job, sim)
     start = time.perf_counter()
@@ -611,10 +618,27 @@ def _run_parallel(
         initializer=_init_worker,
         initargs=(_precision(),),
     )
+
+    # Simulations are drawn here, in order, and only the fits go to the workers: the
+    # truths and simulated data are then those of a serial run on every backend (a
+    # GPU program compiled in another process may differ in the last bit). A few
+    # simulations per worker are kept ahead, so that the workers never wait.
+    def submit(index: int) -> concurrent.futures.Future[dict[str, Any]]:
+        sim, redraws = _simulate(job, _seeds(job.key, index)[0])
+        return pool.submit(_fit_and_rank, job, index, sim, redraws)
+
+    queue = iter(todo)
     with pool:
-        futures = [pool.submit(_run_one, job, i) for i in todo]
-        for future in concurrent.futures.as_completed(futures):
-            done(future.result())
+        pending = {submit(i) for i in itertools.islice(queue, 2 * num_workers)}
+        while pending:
+            finished, pending = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                done(future.result())
+                following = next(queue, None)
+                if following is not None:
+                    pending.add(submit(following))
 
 
 def _precision() -> dict[str, Any]:
