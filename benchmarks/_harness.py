@@ -97,7 +97,7 @@ def compile_timer() -> Any:
     The same JAX monitoring events measure both runners, so their compile times
     compare like for like.
     """
-    from probdyn.numpyro._timing import CompileTimer
+    from probdyn.numpyro.engines.timing import CompileTimer
 
     return CompileTimer()
 

@@ -1,7 +1,7 @@
 """Cache-sized batches against one ``jax.vmap`` over SMC particles and ensemble members (CPU).
 
 probdyn's NumPyro SMC and Ensemble runners map their per-particle (per-member) work in
-batches sized by `probdyn.numpyro._batching.batch_size`: on a CPU, as many items as keep
+batches sized by `probdyn.numpyro.engines.batching.batch_size`: on a CPU, as many items as keep
 one batch's gradient temporaries within ``CPU_BATCH_BYTES`` (4 MiB). This script
 measures why, on the UCI network (one hidden layer of 50 ReLU units, a Gaussian
 likelihood with a learned noise scale) fitted to synthetic data of the UCI sizes.
@@ -42,7 +42,7 @@ import numpyro.distributions as dist
 
 import probdyn
 from probdyn.numpyro import BayesianMLP
-from probdyn.numpyro._batching import CPU_BATCH_BYTES, batch_size
+from probdyn.numpyro.engines.batching import CPU_BATCH_BYTES, batch_size
 
 HIDDEN = 50
 # (name, rows, inputs, items mapped over): kin8nm-, wine- and yacht-sized SMC clouds, and

@@ -80,7 +80,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 
 import probdyn
 from probdyn.pyro import BayesianMLP as PyroBayesianMLP
-from probdyn.pyro._util import sub_seed
+from probdyn.pyro.bridge import sub_seed
 
 NOISE_SD = 0.2  # the noise of make_data
 X_TEST = np.linspace(-3.0, 3.0, 200).astype(np.float32)

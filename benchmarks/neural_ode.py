@@ -11,7 +11,7 @@ Runners (same seed, same kernel settings, same start):
 
 * ``hand-written``: the same model written with ``diffrax.diffeqsolve`` and plain
   ``numpyro.sample`` sites (no probdyn); a MAP start by SVI with ``AutoDelta``
-  (the steps, schedule and jitter of ``probdyn.numpyro._map`` and ``_mcmc``);
+  (the steps, schedule and jitter of ``probdyn.numpyro.engines.map`` and ``_mcmc``);
   ``numpyro.infer.MCMC(NUTS)``; then the post-processing a user needs for what
   ``probdyn.fit`` returns (posterior predictive, pointwise log likelihood) and
   the trajectory at held-out times with ``Predictive``.
@@ -57,7 +57,10 @@ from probdyn.demo._run import DemoSettings
 
 SEED = 0
 HIDDEN = 8
-MAP_STEPS, MAP_LR = 2000, 0.01  # probdyn.numpyro._map: 2000 Adam steps, 0.01 decaying to 1e-3
+MAP_STEPS, MAP_LR = (
+    2000,
+    0.01,
+)  # probdyn.numpyro.engines.map: 2000 Adam steps, 0.01 decaying to 1e-3
 EXTRA_FIELDS = ("accept_prob", "num_steps", "energy", "potential_energy", "adapt_state.step_size")
 LATENT = (
     "alpha",

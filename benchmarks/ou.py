@@ -444,7 +444,7 @@ def bench_pyro(data: OUData, t_idx: np.ndarray, s: Settings, repeats: int) -> di
     from pyro.infer.autoguide import init_to_median as pyro_init_to_median
 
     from probdyn.pyro import NeuralSDE as TorchSDE
-    from probdyn.pyro._util import sub_seed
+    from probdyn.pyro.bridge import sub_seed
 
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)

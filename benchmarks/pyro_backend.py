@@ -54,7 +54,7 @@ from pyro.infer.autoguide import init_to_median
 import probdyn
 from probdyn.data import synthetic_predator_prey
 from probdyn.pyro import BayesianMLP
-from probdyn.pyro._util import sub_seed
+from probdyn.pyro.bridge import sub_seed
 
 SEED = 0
 CHAIN_SEED = sub_seed(SEED, 0, 0)  # the seed probdyn's Pyro runner gives chain 0

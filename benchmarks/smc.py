@@ -12,7 +12,7 @@ compiled-program cache; the hand-written runner reuses its jitted functions):
   transform); prior draws as the initial particles;
   ``inner_kernel_tuning(adaptive_tempered_smc)`` with BlackJAX's HMC, the settings
   of ``probdyn.SMC``'s defaults (read from the engine, so both follow them) and
-  probdyn's tuning rules from ``probdyn._smc_math``: diagonal inverse mass
+  probdyn's tuning rules from ``probdyn.engines.smc_math``: diagonal inverse mass
   matrix = the weighted particle variance, first step ``initial_step_size``, then
   ``step * exp(STEP_ADAPT_GAIN * (acceptance - TARGET_ACCEPTANCE))``, every
   particle's step times ``exp(U(-STEP_JITTER, STEP_JITTER))``; systematic
@@ -59,8 +59,8 @@ from jax.scipy.stats import norm
 from numpyro.infer import Predictive, log_likelihood
 
 import probdyn
-from probdyn import _smc_math
-from probdyn.numpyro import _smc as probdyn_smc
+from probdyn.engines import smc_math as _smc_math
+from probdyn.numpyro.engines import smc as probdyn_smc
 from probdyn.testing import (
     ReferenceProblem,
     linear_regression_data,

@@ -52,7 +52,7 @@ import numpy as np
 
 import probdyn
 from probdyn.data._spirals import SpiralData, spirals
-from probdyn.numpyro._latent import LatentODE
+from probdyn.numpyro.primitives.latent_ode import LatentODE
 
 SEED = 0
 PUBLISHED = {30: 0.1642, 50: 0.1502, 100: 0.1346}  # Chen et al. (2018), Table 2, latent ODE

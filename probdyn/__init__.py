@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from probdyn._compare import Comparison, compare
-from probdyn._engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
-from probdyn._fit import fit
-from probdyn._io import load
-from probdyn._posterior import Posterior
-from probdyn._registry import register_runner
-from probdyn._sbc import SBCResult, sbc
+from probdyn.core.backends import register_runner
+from probdyn.core.engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
+from probdyn.core.fit import fit
+from probdyn.core.io import load
+from probdyn.core.posterior import Posterior
+from probdyn.diagnostics.compare import Comparison, compare
+from probdyn.diagnostics.sbc import SBCResult, sbc
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ import pytest
 from numpyro import handlers
 
 import probdyn
-from probdyn._arviz import import_arviz
 from probdyn.calibration import coverage, crps, nlpd
+from probdyn.core.arviz import import_arviz
 from probdyn.data import TASK_FIELDS, TaskStream, gp_task_stream, gp_tasks, stream_rng
 from probdyn.data._tasks import context_call
 from probdyn.numpyro import ConditionalNP, conditional_np_model, latent_np_guide, latent_np_model

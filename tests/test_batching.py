@@ -1,4 +1,4 @@
-"""Cache-sized batches for SMC particles and ensemble members (`probdyn.numpyro._batching`)."""
+"""Cache-sized batches for SMC particles and ensemble members (`probdyn.numpyro.engines.batching`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from probdyn.numpyro._batching import CPU_BATCH_BYTES, batch_size, map_batched
+from probdyn.numpyro.engines.batching import CPU_BATCH_BYTES, batch_size, map_batched
 
 
 def _step(u: jax.Array, state: dict[str, jax.Array], scale: jax.Array) -> tuple[jax.Array, ...]:

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 
 import probdyn
-from probdyn._cli import main
+from probdyn.cli import main
 
 
 def _demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PROBDYN_NO_COMPILATION_CACHE": "1", "MPLBACKEND": "Agg"}
     return subprocess.run(
-        [sys.executable, "-m", "probdyn._cli", "demo", "--quick", "--out", str(tmp_path), *flags],
+        [sys.executable, "-m", "probdyn.cli", "demo", "--quick", "--out", str(tmp_path), *flags],
         env=env,
         capture_output=True,
         text=True,

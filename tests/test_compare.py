@@ -17,8 +17,8 @@ from scipy import stats
 
 import probdyn
 from probdyn import calibration
-from probdyn._compare import Comparison, compare, format_markdown
 from probdyn.demo._run import DemoSettings, _engine, _load_data, _model
+from probdyn.diagnostics.compare import Comparison, compare, format_markdown
 from probdyn.testing import (
     linear_regression_data,
     linear_regression_model,

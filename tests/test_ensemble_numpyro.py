@@ -138,7 +138,7 @@ import json, os, sys
 import jax
 import numpy as np
 import probdyn
-from probdyn.numpyro._shard import num_devices_of, shard_leading
+from probdyn.numpyro.engines.shard import num_devices_of, shard_leading
 from probdyn.testing import linear_regression_data, reference_model
 
 engine = probdyn.Ensemble(**json.loads(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""The Pyro Ensemble runner (probdyn/pyro/_ensemble.py).
+"""The Pyro Ensemble runner (probdyn/pyro/engines/ensemble.py).
 
 Accuracy: anchored members of Bayesian linear regression are independent exact
 posterior draws, so their mean and sd must match the analytic posterior within
@@ -23,7 +23,7 @@ from scipy import stats
 
 import probdyn
 from probdyn.pyro import BayesianMLP
-from probdyn.pyro._ensemble import _MemberOptimizer
+from probdyn.pyro.engines.ensemble import _MemberOptimizer
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
@@ -232,7 +232,7 @@ def test_a_skipped_member_resumes_where_it_stopped(optimizer: str) -> None:
     import jax.numpy as jnp
     import optax
 
-    from probdyn.numpyro._ensemble import _optimizer
+    from probdyn.numpyro.engines.ensemble import _optimizer
 
     tx = _optimizer(engine)
     x = jnp.zeros(3)

@@ -24,8 +24,8 @@ from numpyro.infer import Predictive
 
 import probdyn
 from probdyn.numpyro import BayesianMLP
-from probdyn.numpyro._fksmc import RW_VARIANCE, run_fksmc
-from probdyn.numpyro._util import trace_model
+from probdyn.numpyro.bridge import trace_model
+from probdyn.numpyro.engines.fksmc import RW_VARIANCE, run_fksmc
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
@@ -278,6 +278,6 @@ def test_bad_streaming_setups_raise(model: Any, args: Any, batch_size: int, matc
 
 
 def test_fit_dispatches_minibatch_to_fksmc() -> None:
-    pytest.importorskip("probdyn.numpyro._smc")
+    pytest.importorskip("probdyn.numpyro.engines.smc")
     post = probdyn.fit(NORMAL, *normal_data().args, engine=STREAM, key=1)
     np.testing.assert_array_equal(post.samples["mu"], _stream_fit(1).samples["mu"])

@@ -21,7 +21,7 @@ from fk_reference import RW_VARIANCE, gaussian_nlpd, kalman_blr, kalman_normal, 
 
 import probdyn
 from probdyn.pyro import BayesianMLP
-from probdyn.pyro._fksmc import run_fksmc
+from probdyn.pyro.engines.fksmc import run_fksmc
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
@@ -168,7 +168,7 @@ def test_fit_dispatches_minibatch_to_fksmc() -> None:
     assert post.backend == "pyro"
 
 
-# -- errors (the rule is shared with NumPyro: probdyn/_streaming.py) -------------------
+# -- errors (the rule is shared with NumPyro: probdyn/engines/fk_stream.py) -------------------
 Y = np.random.default_rng(0).normal(size=20)
 
 

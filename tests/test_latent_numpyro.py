@@ -11,7 +11,7 @@ from numpyro.infer.util import log_density
 
 import probdyn
 from probdyn import VI
-from probdyn.numpyro._latent import LatentODE, pad_series
+from probdyn.numpyro.primitives.latent_ode import LatentODE, pad_series
 
 
 def spirals(

@@ -31,10 +31,10 @@ from numpyro import handlers  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 from pyro import poutine  # noqa: E402
 
-import probdyn._series as series  # noqa: E402
-import probdyn.numpyro._latent as jax_latent  # noqa: E402
-import probdyn.pyro._latent as torch_latent  # noqa: E402
-from probdyn.pyro._util import with_params  # noqa: E402
+import probdyn.numpyro.primitives.latent_ode as jax_latent  # noqa: E402
+import probdyn.primitives.series as series  # noqa: E402
+import probdyn.pyro.primitives.latent_ode as torch_latent  # noqa: E402
+from probdyn.pyro.bridge import with_params  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 

@@ -18,8 +18,8 @@ from test_latent_numpyro import spirals  # noqa: E402
 
 import probdyn  # noqa: E402
 from probdyn import VI  # noqa: E402
-from probdyn.pyro._latent import LatentODE, pad_series  # noqa: E402
-from probdyn.pyro._util import is_plate, with_params  # noqa: E402
+from probdyn.pyro.bridge import is_plate, with_params  # noqa: E402
+from probdyn.pyro.primitives.latent_ode import LatentODE, pad_series  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
@@ -51,7 +51,7 @@ def _site_values(lode: LatentODE, *args: Any) -> dict[str, Any]:
 
 def test_pad_series_is_the_shared_numpy_helper() -> None:
     # pad_series itself is tested in tests/test_latent_numpyro.py; both backends use one.
-    from probdyn._series import pad_series as shared
+    from probdyn.primitives.series import pad_series as shared
 
     assert pad_series is shared
     p = pad_series(*_ragged())

@@ -16,8 +16,8 @@ from numpyro.infer import Trace_ELBO
 import probdyn
 from probdyn import VI
 from probdyn.data._lorenz import stochastic_lorenz
-from probdyn.numpyro._latent import pad_series
-from probdyn.numpyro._latent_sde import _G_FLOOR, LatentSDE
+from probdyn.numpyro.primitives.latent_ode import pad_series
+from probdyn.numpyro.primitives.latent_sde import _G_FLOOR, LatentSDE
 
 # One small model for the fast tests (its scans compile once and are reused).
 _LSDE = LatentSDE(

@@ -23,11 +23,11 @@ from numpyro import handlers  # noqa: E402
 from numpyro.primitives import Messenger  # noqa: E402
 from pyro import poutine  # noqa: E402
 
-import probdyn.pyro._latent_sde as torch_lsde  # noqa: E402
-from probdyn._series import pad_series  # noqa: E402
-from probdyn.numpyro._latent_sde import LatentSDE as JaxLatentSDE  # noqa: E402
-from probdyn.pyro._latent_sde import LatentSDE as TorchLatentSDE  # noqa: E402
-from probdyn.pyro._util import with_params  # noqa: E402
+import probdyn.pyro.primitives.latent_sde as torch_lsde  # noqa: E402
+from probdyn.numpyro.primitives.latent_sde import LatentSDE as JaxLatentSDE  # noqa: E402
+from probdyn.primitives.series import pad_series  # noqa: E402
+from probdyn.pyro.bridge import with_params  # noqa: E402
+from probdyn.pyro.primitives.latent_sde import LatentSDE as TorchLatentSDE  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 

@@ -18,10 +18,10 @@ from pyro.infer import Trace_ELBO  # noqa: E402
 
 import probdyn  # noqa: E402
 from probdyn import VI  # noqa: E402
-from probdyn._series import pad_series  # noqa: E402
 from probdyn.data._lorenz import stochastic_lorenz  # noqa: E402
-from probdyn.pyro._latent_sde import _G_FLOOR, LatentSDE  # noqa: E402
-from probdyn.pyro._util import with_params  # noqa: E402
+from probdyn.primitives.series import pad_series  # noqa: E402
+from probdyn.pyro.bridge import with_params  # noqa: E402
+from probdyn.pyro.primitives.latent_sde import _G_FLOOR, LatentSDE  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 

@@ -31,10 +31,10 @@ from numpyro.infer.util import log_density  # noqa: E402
 from pyro import poutine  # noqa: E402
 
 import probdyn  # noqa: E402
-import probdyn.numpyro._np as jnp_np  # noqa: E402
-import probdyn.pyro._np as torch_np  # noqa: E402
+import probdyn.numpyro.primitives.neural_process as jnp_np  # noqa: E402
+import probdyn.pyro.primitives.neural_process as torch_np  # noqa: E402
 from probdyn.data import TaskStream, gp_task_stream, gp_tasks, stream_rng  # noqa: E402
-from probdyn.pyro._util import with_params  # noqa: E402
+from probdyn.pyro.bridge import with_params  # noqa: E402
 
 TOL = 1e-10
 FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")

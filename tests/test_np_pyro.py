@@ -14,7 +14,8 @@ from pyro import poutine  # noqa: E402
 
 import probdyn  # noqa: E402
 from probdyn.data import TaskStream, gp_task_stream, gp_tasks, mean_log_likelihood  # noqa: E402
-from probdyn.pyro._np import (  # noqa: E402
+from probdyn.pyro.bridge import with_params  # noqa: E402
+from probdyn.pyro.primitives.neural_process import (  # noqa: E402
     AttentiveNP,
     ConditionalNP,
     LatentNP,
@@ -24,7 +25,6 @@ from probdyn.pyro._np import (  # noqa: E402
     latent_np_guide,
     latent_np_model,
 )
-from probdyn.pyro._util import with_params  # noqa: E402
 
 FIELDS = ("x_context", "y_context", "mask_context", "x_target", "y_target", "mask_target")
 

@@ -25,8 +25,8 @@ import probdyn.demo._numpyro as demo_numpyro  # noqa: E402
 import probdyn.demo._pyro as demo_pyro  # noqa: E402
 import probdyn.numpyro as pn  # noqa: E402
 import probdyn.pyro as pp  # noqa: E402
-from probdyn.numpyro._bnn import ACTIVATIONS as JAX_ACTIVATIONS  # noqa: E402
-from probdyn.pyro._bnn import ACTIVATIONS as TORCH_ACTIVATIONS  # noqa: E402
+from probdyn.numpyro.primitives.bnn import ACTIVATIONS as JAX_ACTIVATIONS  # noqa: E402
+from probdyn.pyro.primitives.bnn import ACTIVATIONS as TORCH_ACTIVATIONS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

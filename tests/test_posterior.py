@@ -129,7 +129,7 @@ def test_summary_folds_large_sites(nuts_post) -> None:
 
 
 def test_backend_detection() -> None:
-    from probdyn._fit import detect_backend
+    from probdyn.core.fit import detect_backend
 
     assert detect_backend(bnn_model) == "numpyro"
 
@@ -281,7 +281,7 @@ def test_predict_reuses_its_compiled_program_and_matches_the_constant_data_path(
     # The forward pass is compiled once per model and argument shapes (data as traced
     # arguments); a model that needs its data as values falls back to compiling them
     # in. Both paths must give the same draws.
-    from probdyn.numpyro import _predict
+    from probdyn.numpyro import predict as _predict
 
     def model(x, y=None):
         net = BayesianMLP("net", [1, 8, 1])

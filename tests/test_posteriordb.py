@@ -112,7 +112,7 @@ def _reference(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _compare(post: probdyn.Posterior, ref: dict[str, np.ndarray]) -> None:
-    from probdyn._arviz import import_arviz
+    from probdyn.core.arviz import import_arviz
 
     az = import_arviz()
     failures = []

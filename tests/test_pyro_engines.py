@@ -91,7 +91,7 @@ def test_acceptance_rate_is_recovered_per_draw(kernel: str) -> None:
     # values must give back Pyro's running mean after every draw.
     from pyro.infer import MCMC
 
-    from probdyn.pyro import _mcmc
+    from probdyn.pyro.engines import mcmc as _mcmc
 
     problem = normal_data()
     model = lambda y: normal_model_pyro(torch.as_tensor(y), *problem.args[1:])
@@ -308,7 +308,7 @@ def _locally_imported_model(y):
 
 
 def test_backend_detection_by_tracing_leaves_global_state_alone() -> None:
-    from probdyn._fit import detect_backend
+    from probdyn.core.fit import detect_backend
 
     assert detect_backend(partial_bnn) == "pyro"  # from the modules it refers to
     pyro.clear_param_store()

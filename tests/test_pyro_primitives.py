@@ -21,7 +21,7 @@ import pyro.distributions as dist  # noqa: E402
 from pyro import poutine  # noqa: E402
 
 from probdyn.pyro import BayesianMLP, NeuralODE, lift  # noqa: E402
-from probdyn.pyro._ode import failed_solves, reset_failed_solves  # noqa: E402
+from probdyn.pyro.primitives.ode import failed_solves, reset_failed_solves  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -31,11 +31,11 @@ import pytest
 from numpyro import handlers
 
 import probdyn
-from probdyn._ecdf import ecdf_band, ecdf_test
-from probdyn._engines import AbstractEngine
-from probdyn._posterior import Posterior
-from probdyn._sbc import SBCResult, sbc
-from probdyn.numpyro._util import uncondition
+from probdyn.core.engines import AbstractEngine
+from probdyn.core.posterior import Posterior
+from probdyn.diagnostics.ecdf import ecdf_band, ecdf_test
+from probdyn.diagnostics.sbc import SBCResult, sbc
+from probdyn.numpyro.bridge import uncondition
 from probdyn.testing import linear_regression_model, normal_model, normal_model_pyro
 
 Y = np.zeros(10)  # placeholder observations: only their shape is used

@@ -6,7 +6,7 @@ Monte-Carlo error models:
   ``N`` paths that share one Brownian path across step sizes (coarse increments
   are sums of fine ones). The log-log slope's Monte-Carlo standard error comes
   from the delta method with the paths' error covariance
-  (`probdyn._sde_common.log_log_slope`). The slope is also biased by the next
+  (`probdyn.primitives.sde.log_log_slope`). The slope is also biased by the next
   term of the error expansion, ``e(h) = C h^p (1 + O(h^{1/2}))``; over the step
   sizes used here that moves the fitted slope by a few hundredths. The test
   asks ``|slope - p| <= 0.1 + 4 se``: 0.1 is the resolution we need (the
@@ -36,9 +36,9 @@ from numpyro import handlers
 from numpyro.infer.util import log_density
 
 import probdyn
-from probdyn._sde_common import gbm_solution, log_log_slope, ou_mean_cov, time_grid
-from probdyn.numpyro._ode import failed_solves, reset_failed_solves
-from probdyn.numpyro._sde import NeuralSDE
+from probdyn.numpyro.primitives.ode import failed_solves, reset_failed_solves
+from probdyn.numpyro.primitives.sde import NeuralSDE
+from probdyn.primitives.sde import gbm_solution, log_log_slope, ou_mean_cov, time_grid
 
 
 def _solve_with(sde: NeuralSDE, z0, times, noise, levy=None, args=None, t0=None):

@@ -29,9 +29,9 @@ from numpyro import handlers  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 from pyro import poutine  # noqa: E402
 
-from probdyn._sde_common import time_grid  # noqa: E402
-from probdyn.numpyro._sde import NeuralSDE as JaxSDE  # noqa: E402
-from probdyn.pyro._sde import NeuralSDE as TorchSDE  # noqa: E402
+from probdyn.numpyro.primitives.sde import NeuralSDE as JaxSDE  # noqa: E402
+from probdyn.primitives.sde import time_grid  # noqa: E402
+from probdyn.pyro.primitives.sde import NeuralSDE as TorchSDE  # noqa: E402
 
 TOL = 1e-10
 

@@ -4,7 +4,7 @@ Monte-Carlo error models (as in test_sde_numpyro.py):
 
 * Strong order: ``E|Z_h(T) - Z(T)|`` over ``N`` paths sharing one Brownian path
   across step sizes; the log-log slope's standard error by the delta method
-  (`probdyn._sde_common.log_log_slope`); pass if ``|slope - p| <= 0.1 + 4 se``
+  (`probdyn.primitives.sde.log_log_slope`); pass if ``|slope - p| <= 0.1 + 4 se``
   (0.1: the resolution that tells the orders 0.5, 1.0, 1.5 apart; it also covers
   the few-hundredths bias of the ``O(h^{1/2})`` next term of the error).
 * Weak moments (OU, simulated path): Gaussian paths, so the sample mean and
@@ -33,9 +33,9 @@ import pyro.distributions as dist  # noqa: E402
 from pyro import poutine  # noqa: E402
 
 import probdyn  # noqa: E402
-from probdyn._sde_common import gbm_solution, log_log_slope, ou_mean_cov, time_grid  # noqa: E402
-from probdyn.pyro._ode import failed_solves, reset_failed_solves  # noqa: E402
-from probdyn.pyro._sde import NeuralSDE  # noqa: E402
+from probdyn.primitives.sde import gbm_solution, log_log_slope, ou_mean_cov, time_grid  # noqa: E402
+from probdyn.pyro.primitives.ode import failed_solves, reset_failed_solves  # noqa: E402
+from probdyn.pyro.primitives.sde import NeuralSDE  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The backend-neutral SMC maths (probdyn/_smc_math.py): exact small cases, and
+"""The backend-neutral SMC maths (probdyn/engines/smc_math.py): exact small cases, and
 resampling counts checked against their expectation in Monte-Carlo units."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from probdyn import _smc_math as sm
+from probdyn.engines import smc_math as sm
 
 
 def test_normalize_log_weights_sums_to_one_and_keeps_zeros() -> None:

@@ -25,10 +25,11 @@ import pytest
 from scipy import integrate, stats
 
 import probdyn
-from probdyn import _smc_math
-from probdyn.numpyro import BayesianMLP, _smc
-from probdyn.numpyro._logdensity import loglik_floor
-from probdyn.numpyro._smc import sample_smc
+from probdyn.engines import smc_math as _smc_math
+from probdyn.numpyro import BayesianMLP
+from probdyn.numpyro.engines import smc as _smc
+from probdyn.numpyro.engines.smc import sample_smc
+from probdyn.numpyro.logdensity import loglik_floor
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
@@ -84,7 +85,7 @@ def _repeat(model: Callable[..., None], args: tuple, stat: Callable) -> np.ndarr
 
 
 def _check_step_rule(post: probdyn.Posterior, kernel: str, dim: int) -> None:
-    """The step sizes follow the rule and constants of probdyn/_smc_math.py, which the
+    """The step sizes follow the rule and constants of probdyn/engines/smc_math.py, which the
     Pyro runner uses too: the first from `initial_step_size`, each next one from the
     previous stage's acceptance rate by `adapt_step_size` with `step_adapt_gain`."""
     steps, rates = post.traces["step_size"], post.traces["acceptance_rate"]

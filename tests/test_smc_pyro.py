@@ -1,4 +1,4 @@
-"""The Pyro tempered-SMC runner (probdyn/pyro/_smc.py).
+"""The Pyro tempered-SMC runner (probdyn/pyro/engines/smc.py).
 
 Monte-Carlo error model:
 
@@ -27,7 +27,7 @@ import torch
 from scipy import stats
 
 import probdyn
-from probdyn import _smc_math
+from probdyn.engines import smc_math as _smc_math
 from probdyn.pyro import BayesianMLP
 from probdyn.testing import (
     check_accuracy,
@@ -64,7 +64,7 @@ def _runs(problem: str) -> list[probdyn.Posterior]:
 
 
 def _check_step_rule(post: probdyn.Posterior, kernel: str, dim: int) -> None:
-    """The step sizes follow the rule and constants of probdyn/_smc_math.py, which the
+    """The step sizes follow the rule and constants of probdyn/engines/smc_math.py, which the
     NumPyro runner uses too: the first from `initial_step_size`, each next one from the
     previous stage's acceptance rate by `adapt_step_size` with `step_adapt_gain`."""
     steps, rates = post.traces["step_size"], post.traces["acceptance_rate"]

@@ -9,7 +9,7 @@ import pytest
 
 import probdyn
 from probdyn.data._spirals import _trajectories, spirals
-from probdyn.numpyro._latent import LatentODE
+from probdyn.numpyro.primitives.latent_ode import LatentODE
 
 
 # -- the generator ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from probdyn._sde_common import time_grid
+from probdyn.primitives.sde import time_grid
 
 __all__ = ["stochastic_lorenz"]
 

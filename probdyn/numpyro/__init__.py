@@ -4,10 +4,10 @@ Importing this module imports jax, numpyro, diffrax and equinox. The engines
 (`probdyn.NUTS`, `probdyn.VI`, ...) run NumPyro models through `probdyn.fit`.
 """
 
-from probdyn.numpyro._bnn import MLP, BayesianMLP, lift
-from probdyn.numpyro._latent import LatentODE, PaddedSeries, pad_series
-from probdyn.numpyro._latent_sde import LatentSDE
-from probdyn.numpyro._np import (
+from probdyn.numpyro.primitives.bnn import MLP, BayesianMLP, lift
+from probdyn.numpyro.primitives.latent_ode import LatentODE, PaddedSeries, pad_series
+from probdyn.numpyro.primitives.latent_sde import LatentSDE
+from probdyn.numpyro.primitives.neural_process import (
     ANP,
     CNP,
     LNP,
@@ -20,8 +20,8 @@ from probdyn.numpyro._np import (
     latent_np_guide,
     latent_np_model,
 )
-from probdyn.numpyro._ode import NeuralODE
-from probdyn.numpyro._sde import NeuralSDE
+from probdyn.numpyro.primitives.ode import NeuralODE
+from probdyn.numpyro.primitives.sde import NeuralSDE
 
 __all__ = [
     "ANP",

@@ -18,10 +18,10 @@ of a public name accepts (name -> set of argument names). It is empty: every
 signature is identical to its NumPyro twin.
 """
 
-from probdyn.pyro._bnn import MLP, BayesianMLP, lift
-from probdyn.pyro._latent import LatentODE, PaddedSeries, pad_series
-from probdyn.pyro._latent_sde import LatentSDE
-from probdyn.pyro._np import (
+from probdyn.pyro.primitives.bnn import MLP, BayesianMLP, lift
+from probdyn.pyro.primitives.latent_ode import LatentODE, PaddedSeries, pad_series
+from probdyn.pyro.primitives.latent_sde import LatentSDE
+from probdyn.pyro.primitives.neural_process import (
     ANP,
     CNP,
     LNP,
@@ -34,8 +34,8 @@ from probdyn.pyro._np import (
     latent_np_guide,
     latent_np_model,
 )
-from probdyn.pyro._ode import NeuralODE
-from probdyn.pyro._sde import NeuralSDE
+from probdyn.pyro.primitives.ode import NeuralODE
+from probdyn.pyro.primitives.sde import NeuralSDE
 
 __all__ = [
     "ANP",

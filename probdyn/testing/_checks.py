@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from probdyn._posterior import Posterior
+from probdyn.core.posterior import Posterior
 
 __all__ = ["check_accuracy", "check_arviz", "check_finite", "check_layout", "check_reproducible"]
 
@@ -56,7 +56,7 @@ def check_finite(post: Posterior) -> None:
 def check_arviz(post: Posterior) -> None:
     """ArviZ conversion has the contract's groups with consistent dims, and
     ``az.summary`` runs on it."""
-    from probdyn._arviz import import_arviz
+    from probdyn.core.arviz import import_arviz
 
     az = import_arviz()
     idata = post.to_arviz()
@@ -104,7 +104,7 @@ def check_accuracy(
     ``num_mcse=4`` a correct engine fails a scalar check with probability about
     6e-5.
     """
-    from probdyn._arviz import import_arviz
+    from probdyn.core.arviz import import_arviz
 
     az = import_arviz()
     draws = np.asarray(post.samples[site], dtype=float)

@@ -1,0 +1,286 @@
+"""The ``probdyn`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def _configure_jax() -> None:
+    # The CLI is an application, so it may set process-wide JAX options that a
+    # library must not: a persistent compilation cache (repeat runs skip most
+    # of the XLA compile time). PROBDYN_NO_COMPILATION_CACHE=1 turns it off.
+    if os.environ.get("PROBDYN_NO_COMPILATION_CACHE"):
+        return
+    cache = os.environ.get(
+        "PROBDYN_COMPILATION_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "probdyn", "jax"),
+    )
+    try:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    except Exception as err:  # the cache is an optimisation, never a failure
+        print(f"(compilation cache disabled: {err})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``probdyn`` console script."""
+    parser = argparse.ArgumentParser(prog="probdyn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="fit a Bayesian neural ODE to sparse predator-prey data",
+        description="Fit a Bayesian universal differential equation (Lotka-Volterra with a "
+        "Bayesian MLP for the interaction rates) to sparse, noisy, irregular data; print "
+        "the ArviZ summary and a calibration table; write a plot and the posterior.",
+    )
+    demo.add_argument("--engine", choices=["nuts", "vi"], default="nuts")
+    demo.add_argument("--backend", choices=["numpyro", "pyro"], default="numpyro")
+    demo.add_argument("--data", choices=["synthetic", "hare-lynx"], default="synthetic")
+    demo.add_argument("--out", default="probdyn-demo", help="output folder")
+    demo.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds)")
+    demo.add_argument("--seed", type=int, default=0)
+    _add_compare_parser(sub)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        _configure_jax()
+        from probdyn.demo._run import run_demo
+
+        try:
+            run_demo(
+                engine=args.engine,
+                backend=args.backend,
+                data=args.data,
+                out=args.out,
+                quick=args.quick,
+                seed=args.seed,
+            )
+        except NotImplementedError as err:
+            print(f"probdyn demo: {err}", file=sys.stderr)
+            return 2
+    if args.command == "compare":
+        _configure_jax()
+        return _run_compare(args)
+    return 0
+
+
+# -- probdyn compare -------------------------------------------------------------------
+
+# CLI name -> row name in the table.
+_COMPARE_ENGINES = {"nuts": "NUTS", "hmc": "HMC", "vi": "VI", "ensemble": "Ensemble", "smc": "SMC"}
+
+
+def _add_compare_parser(sub: Any) -> None:
+    cmp = sub.add_parser(
+        "compare",
+        help="fit several engines and compare them on held-out data",
+        description="Fit a model with several engines and score each on held-out data: "
+        "writes comparison.md and comparison.csv (wall time, compile time, ESS/s, "
+        "divergences, NLPD, CRPS, RMSE, coverage, interval width, log evidence) and "
+        "bands.png (predictive bands side by side). Without --model: the demo's Bayesian "
+        "neural ODE and data. With --model FILE.py:FUNCTION --data FILE.npz: your model, "
+        "with the npz holding train_<argument> and test_<argument> arrays by model "
+        "argument name (the observations under the --observed name, default y; "
+        "arrays without a prefix go to both). Exit status 1 if an engine failed (its row "
+        "holds the error), 2 for bad arguments.",
+    )
+    cmp.add_argument(
+        "--engines",
+        default="nuts,vi",
+        help=f"comma-separated, from {', '.join(_COMPARE_ENGINES)} (default: nuts,vi)",
+    )
+    cmp.add_argument("--backend", choices=["numpyro", "pyro"], default="numpyro")
+    cmp.add_argument(
+        "--data",
+        default=None,
+        help="the demo's data (synthetic, hare-lynx; default synthetic), or with --model "
+        "an .npz file",
+    )
+    cmp.add_argument("--model", default=None, help="your model: path/to/file.py:function")
+    cmp.add_argument(
+        "--observed", default="y", help="the model argument that takes the observations"
+    )
+    cmp.add_argument("--out", default="probdyn-compare", help="output folder")
+    cmp.add_argument("--quick", action="store_true", help="smoke-test sizes")
+    cmp.add_argument("--seed", type=int, default=0)
+
+
+def _compare_engines(names: list[str], quick: bool, backend: str) -> dict[str, Any]:
+    """Engine configs by row name (``"NUTS"``), sized like the demo's (``--quick``: smoke)."""
+    import probdyn
+    from probdyn.demo._run import DemoSettings, _engine
+
+    s = DemoSettings.quick(backend) if quick else DemoSettings()
+    out: dict[str, Any] = {}
+    for name in names:
+        if name in ("nuts", "vi"):
+            engine = _engine(name, s)
+        elif name == "hmc":
+            engine = probdyn.HMC(
+                num_warmup=s.num_warmup,
+                num_samples=s.num_samples,
+                num_chains=s.num_chains,
+                init=s.init,
+            )
+        elif name == "ensemble":
+            engine = probdyn.Ensemble(num_members=4 if quick else 10, num_steps=s.map_steps)
+        else:
+            engine = probdyn.SMC(
+                num_particles=100 if quick else 500, num_mcmc_steps=2 if quick else 5
+            )
+        out[_COMPARE_ENGINES[name]] = engine
+    return out
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    names = [n.strip().lower() for n in args.engines.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _COMPARE_ENGINES]
+    if unknown or not names:
+        print(
+            f"probdyn compare: --engines {args.engines!r}: unknown engine(s) {unknown}; "
+            f"choose from {', '.join(_COMPARE_ENGINES)}, comma-separated.",
+            file=sys.stderr,
+        )
+        return 2
+    engines = _compare_engines(list(dict.fromkeys(names)), args.quick, args.backend)
+    try:
+        if args.model is None:
+            result, plot_kwargs = _compare_demo(args, engines)
+        else:
+            result, plot_kwargs = _compare_user_model(args, engines)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
+        print(f"probdyn compare: {err}", file=sys.stderr)
+        return 2
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out, exist_ok=True)
+    paths = {name: os.path.join(args.out, name) for name in _COMPARE_OUTPUTS}
+    markdown = result.to_markdown(paths["comparison.md"])
+    result.to_csv(paths["comparison.csv"])
+    plt.close(result.plot(path=paths["bands.png"], **plot_kwargs))
+    print(markdown)
+    print("wrote " + ", ".join(paths.values()))
+    for name, trace in result.errors.items():
+        print(f"\n{name} failed:\n{trace}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+_COMPARE_OUTPUTS = ("comparison.md", "comparison.csv", "bands.png")
+
+
+def _compare_demo(args: argparse.Namespace, engines: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from probdyn.demo._run import _load_data, _model
+    from probdyn.diagnostics.compare import compare
+
+    dataset = _load_data(args.data or "synthetic", args.seed)
+    print(
+        f"probdyn compare: {dataset.name}, {len(dataset.t_train)} training observations, "
+        f"{len(dataset.t_test)} held out; engines={','.join(engines)}, backend={args.backend}"
+    )
+    result = compare(
+        _model(args.backend),
+        dataset.t_train,
+        dataset.y_train,
+        engines=engines,
+        test=((dataset.t_test,), dataset.y_test),
+        key=args.seed,
+        backend=args.backend,
+        verbose=True,
+    )
+    grid = {"inputs": (dataset.t_grid,), "x": dataset.t_grid, "key": args.seed + 2}
+    return result, {**grid, "output_names": ("prey", "predator")}
+
+
+def _compare_user_model(
+    args: argparse.Namespace, engines: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    import inspect
+
+    from probdyn.diagnostics.compare import compare
+
+    if args.data is None or not str(args.data).endswith(".npz"):
+        raise ValueError(
+            f"--model {args.model!r} needs --data FILE.npz with train_* and test_* arrays "
+            f"(got --data {args.data!r})."
+        )
+    model = _load_model(args.model)
+    train, test = _load_npz(args.data, args.observed)
+    try:
+        bound = inspect.signature(model).bind(**train)
+    except TypeError as err:
+        raise ValueError(
+            f"--data {args.data!r}: the train_* arrays do not fit the arguments of "
+            f"{args.model!r}: {err}"
+        ) from err
+    observations = test.pop(args.observed)
+    print(
+        f"probdyn compare: {args.model} on {args.data}; engines={','.join(engines)}, "
+        f"backend={args.backend}"
+    )
+    result = compare(
+        model,
+        *bound.args,
+        engines=engines,
+        test=(test, observations),
+        observed_arg=args.observed,
+        key=args.seed,
+        backend=args.backend,
+        verbose=True,
+        **bound.kwargs,
+    )
+    return result, {}
+
+
+def _load_model(spec: str) -> Any:
+    import importlib.util
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise ValueError(f"--model {spec!r}: write it as path/to/file.py:function_name.")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {spec!r}: no file {path!r}.")
+    module_name = "_probdyn_user_model_" + os.path.splitext(os.path.basename(path))[0]
+    spec_obj = importlib.util.spec_from_file_location(module_name, path)
+    if spec_obj is None or spec_obj.loader is None:
+        raise ValueError(f"--model {spec!r}: cannot import {path!r} as a Python file.")
+    module = importlib.util.module_from_spec(spec_obj)
+    spec_obj.loader.exec_module(module)
+    model = getattr(module, name, None)
+    if not callable(model):
+        raise ValueError(f"--model {spec!r}: {path!r} defines no function {name!r}.")
+    return model
+
+
+def _load_npz(path: str, observed: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``train_<name>`` / ``test_<name>`` arrays by argument name; unprefixed go to both."""
+    import numpy as np
+
+    def value(a: Any) -> Any:
+        return a.item() if a.ndim == 0 else a  # scalars (noise levels, sizes) as numbers
+
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    shared = {k: value(v) for k, v in arrays.items() if not k.startswith(("train_", "test_"))}
+    train = {k[6:]: value(v) for k, v in arrays.items() if k.startswith("train_")}
+    test = {k[5:]: value(v) for k, v in arrays.items() if k.startswith("test_")}
+    for part, found in (("train", train), ("test", test)):
+        if observed not in found:
+            raise ValueError(
+                f"--data {path!r} has no array {part}_{observed} (the observations; found "
+                f"{sorted(arrays)}). Save them with np.savez(path, train_{observed}=..., "
+                f"test_{observed}=..., ...), or name the argument with --observed."
+            )
+    return {**shared, **train}, test
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""``probdyn.fit``: one verb, one result type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from probdyn.core.backends import backend_names, engine_variant, get_backend, get_runner
+from probdyn.core.engines import VI, AbstractEngine
+from probdyn.core.posterior import Posterior
+from probdyn.data._tasks import TaskStream, stream_rng
+
+__all__ = ["detect_backend", "fit"]
+
+
+def fit(
+    model: Callable[..., Any],
+    *args: Any,
+    engine: AbstractEngine,
+    key: Any = 0,
+    backend: str | None = None,
+    **kwargs: Any,
+) -> Posterior:
+    """Fit a posterior of ``model`` with ``engine``.
+
+    Args:
+        model: a plain NumPyro (or, with the Pyro backend, Pyro) model function.
+        *args: the model's positional arguments; observed data is passed the usual
+            way, as an argument used as ``obs=`` inside the model. Or a single
+            `probdyn.data.TaskStream` (with the `VI` engine): the model is trained
+            across a stream of task batches, which it receives as keyword arguments,
+            and the posterior is amortised (see `Posterior.predict`'s ``context``).
+        engine: an engine config: `NUTS`, `HMC`, `VI`, `Ensemble` or `SMC`.
+        key: an int seed or a backend random key. The same key reproduces the same
+            draws bit for bit.
+        backend: ``"numpyro"`` or ``"pyro"``; detected from the model when omitted.
+        **kwargs: the model's keyword arguments.
+
+    Returns:
+        A `Posterior`.
+
+    Raises:
+        TypeError: if ``engine`` is not an engine config.
+        ValueError: if the backend cannot be told from the model, or observed
+            data contains NaN or inf.
+
+    Example:
+        >>> import numpy as np, numpyro, numpyro.distributions as dist, probdyn
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+        ...     numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> post = probdyn.fit(model, np.ones(5), engine=probdyn.VI(num_steps=200,
+        ...                    progress_bar=False), key=0)
+        >>> post.samples["mu"].shape
+        (1, 1000)
+    """
+    if not isinstance(engine, AbstractEngine):
+        raise TypeError(
+            f"fit(engine={engine!r}): expected an engine config such as probdyn.NUTS(...), "
+            "probdyn.HMC(...) or probdyn.VI(...)."
+        )
+    if not callable(model):
+        raise TypeError(f"fit(model={model!r}): the model must be a callable model function.")
+    _check_stream(args, engine)
+    if backend is None:
+        probe_args, probe_kwargs = args, kwargs
+        if args and isinstance(args[0], TaskStream):
+            probe_args, probe_kwargs = (), {**args[0].draw(stream_rng(0)), **kwargs}
+        backend = detect_backend(model, probe_args, probe_kwargs)
+    elif backend not in backend_names():
+        raise ValueError(f"fit(backend={backend!r}): choose one of {', '.join(backend_names())}.")
+    runner = get_runner(engine, backend, engine_variant(engine, args))
+    return runner(model, args, kwargs, engine, key)
+
+
+def _check_stream(args: tuple[Any, ...], engine: AbstractEngine) -> None:
+    """A `TaskStream` is the only data argument, and only the VI engine trains on one."""
+    if not any(isinstance(a, TaskStream) for a in args):
+        return
+    if len(args) != 1:
+        raise TypeError(
+            f"fit: a TaskStream must be the only positional argument (got {len(args)}); pass "
+            "network options as keyword arguments, e.g. fit(model, stream, engine=VI(), hidden=64)."
+        )
+    if not isinstance(engine, VI):
+        raise TypeError(
+            f"fit(engine={type(engine).__name__}(...)): a TaskStream (training across tasks) "
+            "is fitted with probdyn.VI; the other engines need one fixed dataset."
+        )
+
+
+def _referenced_modules(fn: Callable[..., Any]) -> set[str]:
+    """Top-level packages named by the function's code, globals and closure."""
+    import dis
+    import types
+
+    found: set[str] = set()
+    seen: set[int] = set()
+
+    def visit_code(code: types.CodeType, globs: dict[str, Any]) -> None:
+        # Modules imported inside the function body (``import pyro`` in the model).
+        found.update(i.argval for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME")
+        for name in code.co_names:
+            obj = globs.get(name)
+            if obj is not None:
+                visit_obj(obj, globs)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                visit_code(const, globs)
+
+    def visit_obj(obj: Any, globs: dict[str, Any]) -> None:
+        if isinstance(obj, types.ModuleType):
+            found.add(obj.__name__)
+            return
+        mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
+        if isinstance(mod, str):
+            found.add(mod)
+        if isinstance(obj, types.FunctionType) and id(obj) not in seen:
+            seen.add(id(obj))
+            visit_code(obj.__code__, obj.__globals__)
+            for cell in obj.__closure__ or ():
+                try:
+                    visit_obj(cell.cell_contents, obj.__globals__)
+                except ValueError:  # empty cell
+                    pass
+
+    visit_obj(fn, getattr(fn, "__globals__", {}))
+    return found
+
+
+def _backend_of(module: str) -> str | None:
+    for name in backend_names():
+        if get_backend(name).owns(module):
+            return name
+    return None
+
+
+def detect_backend(
+    model: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> str:
+    """Tell which PPL a model function is written in.
+
+    First from the modules its code refers to (directly or through the functions
+    it calls); if that names both PPLs or neither, by tracing the model once
+    under each PPL that is already imported. Never a guess: ambiguity raises.
+
+    Raises:
+        ValueError: if the model uses both PPLs or neither can be found.
+    """
+    found = {b for m in _referenced_modules(model) if (b := _backend_of(m))}
+    if len(found) == 1:
+        return found.pop()
+    traced = {b for b in backend_names() if _traces_sites(b, model, args, kwargs or {})}
+    if len(traced) == 1:
+        return traced.pop()
+    what = "both NumPyro and Pyro" if len(found | traced) > 1 else "neither NumPyro nor Pyro"
+    raise ValueError(
+        f"fit(model={getattr(model, '__name__', model)!r}): cannot tell the backend; the model "
+        f"seems to use {what}. Pass backend='numpyro' or backend='pyro'."
+    )
+
+
+def _traces_sites(
+    backend: str, model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    entry = get_backend(backend)
+    if not entry.loaded():  # never import a backend just to probe
+        return False
+    try:
+        return bool(entry.service("probe")(model, args, kwargs))
+    except Exception:
+        return False

@@ -1,0 +1,191 @@
+"""The figure of `Comparison.plot`: every engine's predictive bands at the test
+inputs, side by side, over the held-out (and optionally the training) observations."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from probdyn import calibration
+from probdyn.diagnostics.compare import _Binder, _to_numpy
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from probdyn.diagnostics.compare import Comparison
+
+
+def _plot_bands(
+    result: Comparison,
+    inputs: Any,
+    *,
+    x: Any,
+    site: str | None,
+    levels: Sequence[float],
+    key: Any,
+    output_names: Sequence[str] | None,
+    show_train: bool,
+    path: str | os.PathLike[str] | None,
+) -> Figure:
+    import matplotlib.pyplot as plt
+
+    site = site or result.site
+    if inputs is None:
+        if site != result.site:
+            raise ValueError(
+                f"Comparison.plot(site={site!r}): only {result.site!r} was predicted at the "
+                "test inputs; pass inputs=... to predict another site."
+            )
+        arguments, preds = result.test_arguments, dict(result.predictions)
+    else:
+        arguments, preds = _predict_at(result, inputs, site, key)
+    x_name, x_values, x_label = _x_axis(result, arguments, preds, x)
+    names = list(result.posteriors)
+    n_out = _num_outputs(result.observations, preds)
+    labels = list(output_names) if output_names is not None else []
+    fig, axes = plt.subplots(
+        n_out, len(names), squeeze=False, sharex=True, sharey="row",
+        figsize=(3.2 * len(names) + 1.0, 2.4 * n_out + 0.8),
+    )  # fmt: skip
+    points = _observed_points(result, x_name, x_values if inputs is None else None, show_train)
+    for j, name in enumerate(names):
+        pred = preds.get(name)
+        for i in range(n_out):
+            ax = axes[i, j]
+            if isinstance(pred, np.ndarray):
+                _draw_bands(ax, x_values, pred, i, n_out, levels)
+            else:
+                message = result.table.loc[name, "error"] if name in result.table.index else ""
+                ax.text(0.5, 0.5, _wrap(f"no predictions: {message or pred}"), ha="center",
+                        va="center", fontsize=7, transform=ax.transAxes)  # fmt: skip
+            for label, (px, py), style in points:
+                ax.plot(px, py[:, i], style, ms=4, label=label)
+            if i == 0:
+                ax.set_title(name)
+            if j == 0:
+                default = f"{site}[{i}]" if n_out > 1 else site
+                ax.set_ylabel(labels[i] if i < len(labels) else default)
+            if i == n_out - 1:
+                ax.set_xlabel(x_label)
+    axes[0, 0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _predict_at(
+    result: Comparison, inputs: Any, site: str, key: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    if result.model is None:
+        raise RuntimeError("Comparison.plot(inputs=...): this comparison has no model attached.")
+    binder = _Binder(result.model, result.observed_arg)
+    arguments = binder.bind_test(result.train_arguments, inputs, None)
+    args, kwargs = binder.call_of(arguments)
+    preds: dict[str, Any] = {}
+    for name, post in result.posteriors.items():
+        if post is None:
+            continue
+        try:
+            preds[name] = post.predict(*args, key=key, sites=[site], **kwargs)[site]
+        except Exception as err:  # one engine's failure leaves the other panels
+            preds[name] = f"{type(err).__name__}: {err}"
+    return arguments, preds
+
+
+def _num_points(preds: Mapping[str, Any]) -> int | None:
+    for pred in preds.values():
+        if isinstance(pred, np.ndarray) and pred.ndim >= 3:
+            return int(pred.shape[2])
+    return None
+
+
+def _num_outputs(observations: np.ndarray, preds: Mapping[str, Any]) -> int:
+    for pred in preds.values():
+        if isinstance(pred, np.ndarray) and pred.ndim >= 3:
+            return int(np.prod(pred.shape[3:], dtype=int))
+    return int(np.prod(observations.shape[1:], dtype=int))
+
+
+def _per_point(value: Any, n: int | None) -> np.ndarray | None:
+    """``value`` as one number per point, or None if it is not."""
+    if n is None or value is None:
+        return None
+    try:
+        arr = np.asarray(_to_numpy(value), dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if arr.shape == (n,) or arr.shape == (n, 1):
+        return arr.reshape(n)
+    return None
+
+
+def _x_axis(
+    result: Comparison, arguments: Mapping[str, Any], preds: Mapping[str, Any], x: Any
+) -> tuple[str | None, np.ndarray, str]:
+    n = _num_points(preds)
+    if n is None:
+        n = int(result.observations.shape[0]) if result.observations.ndim else 1
+    names = [k for k in arguments if k != result.observed_arg]
+    found = next((k for k in names if _per_point(arguments[k], n) is not None), None)
+    if x is not None:
+        values = _per_point(x, n)
+        if values is None:
+            raise ValueError(
+                f"Comparison.plot(x=...): x has shape {np.shape(x)}, but there are {n} points "
+                "to plot; give one value per point."
+            )
+        return found, values, found or "x"
+    if found is not None:
+        return found, _per_point(arguments[found], n), found  # type: ignore[return-value]
+    # No input is one number per point (several features): rank the points by
+    # their observed value, which shows calibration as well as any axis would.
+    obs = result.observations.reshape(result.observations.shape[0], -1)
+    if obs.shape[0] == n:
+        rank = np.empty(n)
+        rank[np.argsort(obs[:, 0], kind="stable")] = np.arange(n)
+        return None, rank, "held-out point (sorted by observed value)"
+    return None, np.arange(n, dtype=float), "point"
+
+
+def _observed_points(
+    result: Comparison, x_name: str | None, test_x: np.ndarray | None, show_train: bool
+) -> list[tuple[str, tuple[np.ndarray, np.ndarray], str]]:
+    out = []
+    obs = result.observations
+    flat = obs.reshape(obs.shape[0], -1) if obs.ndim else obs.reshape(1, 1)
+    tx = test_x if test_x is not None else None
+    if tx is None and x_name is not None:
+        tx = _per_point(result.test_arguments.get(x_name), flat.shape[0])
+    if tx is not None:
+        out.append(("held out", (tx, flat), "rx"))
+    train_y = result.train_arguments.get(result.observed_arg)
+    if show_train and x_name is not None and train_y is not None:
+        ty = np.asarray(_to_numpy(train_y), dtype=float)
+        ty = ty.reshape(ty.shape[0], -1) if ty.ndim else ty.reshape(1, 1)
+        trx = _per_point(result.train_arguments.get(x_name), ty.shape[0])
+        if trx is not None and ty.shape[1] == flat.shape[1]:
+            out.insert(0, ("train", (trx, ty), "ko"))
+    return out
+
+
+def _draw_bands(
+    ax: Any, x: np.ndarray, pred: np.ndarray, i: int, n_out: int, levels: Sequence[float]
+) -> None:
+    draws = np.asarray(pred, dtype=float).reshape(-1, pred.shape[2], n_out)[..., i]
+    order = np.argsort(x, kind="stable")
+    for k, level in enumerate(sorted(levels, reverse=True)):
+        lo, hi = calibration.interval(draws, level, sample_dims=1)
+        alpha = 0.15 + 0.2 * k
+        ax.fill_between(x[order], lo[order], hi[order], color="C0", alpha=alpha,
+                        lw=0, label=f"{100 * level:g}% interval")  # fmt: skip
+    ax.plot(x[order], np.median(draws, axis=0)[order], color="C0", lw=1, label="median")
+
+
+def _wrap(text: str, width: int = 40) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:8])

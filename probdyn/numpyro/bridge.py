@@ -1,0 +1,91 @@
+"""Helpers shared by the NumPyro runners: keys, tracing, checks, versions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.distributions.distribution import Unit
+from numpyro.primitives import Messenger
+
+from probdyn.core.assemble import package_versions
+
+__all__ = ["as_key", "check_observed", "seed_record", "trace_model", "versions"]
+
+
+class ConcreteValueError(ValueError):
+    """A model argument must be a concrete array, and was traced (inside ``jax.jit``):
+    its values decide shapes, e.g. an SDE's step grid from its observation times.
+    probdyn's compiled forward pass catches it and compiles the data in instead."""
+
+
+def as_key(key: Any) -> jax.Array:
+    """An int seed or a JAX key -> a JAX PRNG key (raw uint32 layout)."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.PRNGKey(int(key))
+    if isinstance(key, jax.Array):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(key)
+        if key.shape == (2,) and key.dtype == jnp.uint32:
+            return key
+    raise TypeError(f"key={key!r}: expected an int seed or a JAX PRNG key (jax.random.key(0)).")
+
+
+def seed_record(key: Any) -> Any:
+    """A JSON-friendly record of the key, for the posterior's metadata."""
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    return [int(v) for v in np.asarray(as_key(key)).ravel()]
+
+
+def trace_model(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = 0
+) -> dict[str, Any]:
+    """Run the model once under a seed and return its trace."""
+    return handlers.trace(handlers.seed(model, as_key(key))).get_trace(*args, **kwargs)
+
+
+def is_factor(site: dict[str, Any]) -> bool:
+    return isinstance(site.get("fn"), Unit)
+
+
+def observed_sites(trace: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: site
+        for name, site in trace.items()
+        if site["type"] == "sample" and site["is_observed"] and not is_factor(site)
+    }
+
+
+def check_observed(trace: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Return the observed values; raise if any contain NaN or inf."""
+    out = {}
+    for name, site in observed_sites(trace).items():
+        value = np.asarray(site["value"])
+        bad = ~np.isfinite(value)
+        if bad.any():
+            raise ValueError(
+                f"observed site {name!r} contains {int(bad.sum())} NaN/inf value(s) (first at "
+                f"index {tuple(int(i) for i in np.argwhere(bad)[0])}). Drop those observations, "
+                "or mask them (numpyro.handlers.mask or sample(..., obs_mask=...))."
+            )
+        out[name] = value
+    return out
+
+
+class uncondition(Messenger):
+    """Turn observed sample sites into latent ones, so that they are re-sampled."""
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and msg["is_observed"] and not is_factor(msg):
+            msg["value"] = None
+            msg["is_observed"] = False
+
+
+def versions() -> dict[str, str]:
+    """Versions of probdyn and of the packages that produced a posterior."""
+    return package_versions(("jax", "numpyro", "diffrax", "equinox", "optax", "arviz"))

@@ -1,0 +1,68 @@
+"""The NumPyro backend's services to the core (see `probdyn.core.backends`).
+
+The core never imports this backend; it asks the registry, which imports this module
+the first time one of these functions is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+
+from probdyn.diagnostics.sbc_model import Trace
+from probdyn.numpyro.bridge import is_factor, uncondition
+from probdyn.numpyro.predict import forward_draws, predict
+
+__all__ = ["forward_draws", "precision", "predict", "probe", "set_precision", "trace_once"]
+
+
+def probe(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether one run of ``model`` under NumPyro records a sample site."""
+    tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+    return any(site.get("type") == "sample" for site in tr.values())
+
+
+def trace_once(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    seed: int,
+    observed: Sequence[str] | None,
+) -> Trace:
+    """One run of the model for `probdyn.sbc`, its sites sorted by role."""
+    fn = model if observed is None else uncondition(model)
+    tr = handlers.trace(handlers.seed(fn, jax.random.PRNGKey(seed))).get_trace(*args, **kwargs)
+    out = Trace({}, {}, {}, 0.0, True)
+    for name, site in tr.items():
+        if site["type"] == "deterministic":
+            out.deterministic[name] = np.asarray(site["value"])
+        elif site["type"] != "sample":
+            continue
+        elif is_factor(site):
+            out.valid &= bool(np.all(np.isfinite(site["fn"].log_prob(site["value"]))))
+        elif name in (observed or ()) or (observed is None and site["is_observed"]):
+            lp = site["fn"].log_prob(site["value"])
+            if site.get("mask") is not None:
+                lp = jnp.where(site["mask"], lp, 0.0)
+            out.observed[name] = np.asarray(site["value"])
+            out.log_likelihood += float(jnp.sum(lp))
+        else:
+            out.latent[name] = np.asarray(site["value"])
+    out.valid &= all(np.all(np.isfinite(v)) for v in out.observed.values())
+    return out
+
+
+def precision() -> dict[str, Any]:
+    """The float settings in force, for worker processes to copy."""
+    return {"jax_enable_x64": bool(jax.config.read("jax_enable_x64"))}
+
+
+def set_precision(env: dict[str, Any]) -> None:
+    """Apply `precision`'s settings in this process."""
+    if "jax_enable_x64" in env:
+        jax.config.update("jax_enable_x64", env["jax_enable_x64"])

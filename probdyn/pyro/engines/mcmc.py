@@ -1,0 +1,299 @@
+"""NUTS and HMC runners for Pyro models (Pyro's own kernels, wrapped).
+
+Differences from the NumPyro runner, all forced by Pyro:
+
+* Chains run one after another in this process, whatever ``chain_method`` says:
+  ``"sequential"`` and ``"vectorized"`` both mean that here (Pyro's kernels
+  have no vectorised chains), and ``"parallel"`` raises, because Pyro's
+  multiprocess chains need picklable models and are fragile with torch threads.
+  Each chain has its own seed derived from the key, so chain ``i`` does not
+  depend on how many chains run.
+* Pyro keeps only running means of the per-draw statistics, so they are
+  recorded after each transition: ``diverging``, ``acceptance_rate`` (recovered
+  exactly from the running mean), ``step_size``, ``lp`` (minus the potential
+  energy), ``n_steps`` (potential-energy evaluations) and, for NUTS,
+  ``tree_depth`` (as on NumPyro, ``floor(log2(n_steps)) + 1``). ``energy`` is not
+  available: Pyro does not keep the momentum of the accepted state.
+* ``HMC(num_steps=...)`` keeps the number of leapfrog steps fixed while the step
+  size adapts (as NumPyro does); Pyro alone would keep the trajectory length fixed.
+* No JIT: ``torch.jit.trace`` would freeze the control flow of adaptive ODE
+  solvers, and on small models it saves little. ``compile_time`` is 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from pyro.infer import MCMC
+from pyro.infer.autoguide import init_to_median, init_to_sample
+from pyro.infer.mcmc import HMC as PyroHMC
+from pyro.infer.mcmc import NUTS as PyroNUTS
+from torch.distributions import biject_to
+
+from probdyn.core.engines import HMC, NUTS
+from probdyn.core.posterior import Posterior
+from probdyn.pyro.bridge import (
+    as_seed,
+    check_observed,
+    isolated,
+    latent_sites,
+    param_sites,
+    sub_seed,
+    to_torch_args,
+    trace_model,
+    with_params,
+)
+from probdyn.pyro.engines.map import map_estimate
+from probdyn.pyro.postprocess import build_posterior
+from probdyn.pyro.primitives.ode import reset_failed_solves
+
+__all__ = ["run_mcmc"]
+
+
+class _Counted:
+    """A potential-energy function that counts its evaluations (= leapfrog steps)."""
+
+    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.calls += 1
+        return self.fn(z)
+
+
+class _Recorded:
+    """Mixin over a Pyro HMC/NUTS kernel: record each kept transition's statistics.
+
+    ``sample`` is Pyro's own; this only reads the kernel's state around it.
+    """
+
+    # State of the Pyro kernel this is mixed into (read here, never written,
+    # except that potential_fn is wrapped to count its evaluations).
+    potential_fn: Any
+    step_size: float
+    _t: int
+    _warmup_steps: Any
+    _mean_accept_prob: float
+    _divergences: list[int]
+    _potential_energy_last: Any
+
+    def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
+        self.transitions: list[dict[str, Any]] = []
+        super().setup(warmup_steps, *args, **kwargs)  # type: ignore[misc]
+        self.potential_fn = _Counted(self.potential_fn)
+
+    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        calls, mean_before = self.potential_fn.calls, self._mean_accept_prob
+        z = super().sample(params)  # type: ignore[misc]
+        n = self._t - self._warmup_steps  # 1-based index of the kept draw
+        if n > 0:
+            # Pyro's running mean: m_n = m_{n-1} + (a_n - m_{n-1}) / n, solved for a_n.
+            accept = mean_before + n * (self._mean_accept_prob - mean_before)
+            self.transitions.append(
+                {
+                    "diverging": bool(self._divergences and self._divergences[-1] == n - 1),
+                    "acceptance_rate": min(max(accept, 0.0), 1.0),
+                    "step_size": float(self.step_size),
+                    "lp": -float(self._potential_energy_last),
+                    "n_steps": self.potential_fn.calls - calls,
+                }
+            )
+        return z
+
+
+class _NUTS(_Recorded, PyroNUTS):
+    pass
+
+
+class _HMC(_Recorded, PyroHMC):
+    def __init__(self, model: Callable[..., Any], fixed_num_steps: int | None, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self._fixed_num_steps = fixed_num_steps
+
+    @property
+    def num_steps(self) -> int:
+        if self._fixed_num_steps is not None:
+            return self._fixed_num_steps
+        return max(1, int(self.trajectory_length / self.step_size))
+
+
+def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> _NUTS | _HMC:
+    strategy = init_to_sample if engine.init == "sample" else init_to_median  # else: preset
+    common = {
+        "target_accept_prob": engine.target_accept,
+        "full_mass": engine.dense_mass,
+        "init_strategy": strategy,
+    }
+    if isinstance(engine, NUTS):
+        return _NUTS(model, max_tree_depth=engine.max_tree_depth, **common)
+    length = engine.trajectory_length or math.pi / 2
+    return _HMC(
+        model,
+        fixed_num_steps=engine.num_steps,
+        step_size=engine.step_size,
+        trajectory_length=None if engine.num_steps is not None else length,
+        **common,
+    )
+
+
+def _unconstrain(trace: dict[str, Any], values: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Constrained values of latent sites -> the unconstrained space the kernel uses."""
+    out = {}
+    for name, value in values.items():
+        site = trace[name]
+        value = torch.as_tensor(np.asarray(value), dtype=site["value"].dtype)
+        out[name] = biject_to(site["fn"].support).inv(value).detach()
+    return out
+
+
+def _starts_from_posterior(
+    init: Posterior, trace: dict[str, Any], latent: list[str], num_chains: int
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """One start per chain from the posterior's draws, spread over them."""
+    missing = [s for s in latent if s not in init.samples]
+    if missing:
+        raise ValueError(
+            f"NUTS(init=Posterior): the initial posterior has no draws of site(s) {missing}; "
+            "it must come from a fit of the same model."
+        )
+    flat = init.draws(flatten=True)
+    idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
+    starts = [_unconstrain(trace, {s: flat[s][i] for s in latent}) for i in idx]
+    return starts, {k: torch.as_tensor(v) for k, v in init.params.items()}
+
+
+def _starts_from_map(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    trace: dict[str, Any],
+    latent: list[str],
+    num_chains: int,
+    seed: int,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Every chain starts at the MAP estimate, jittered by 1e-2 in unconstrained
+    space so that chains are distinct (and R-hat means something)."""
+    values, params = map_estimate(model, args, kwargs, sub_seed(seed, 2))
+    centre = _unconstrain(trace, {s: values[s] for s in latent})
+    gen = torch.Generator().manual_seed(sub_seed(seed, 3))
+    starts = [
+        {
+            s: v + 1e-2 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            for s, v in centre.items()
+        }
+        for _ in range(num_chains)
+    ]
+    return starts, params
+
+
+def _run_chain(
+    engine: NUTS | HMC,
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    seed: int,
+    start: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    torch.manual_seed(seed)
+    kernel = _kernel(engine, model)
+    mcmc = MCMC(
+        kernel,
+        num_samples=engine.num_samples,
+        warmup_steps=engine.num_warmup,
+        initial_params=start,
+        num_chains=1,
+        disable_progbar=not engine.progress_bar,
+    )
+    mcmc.run(*args, **kwargs)
+    samples = mcmc.get_samples(group_by_chain=True)
+    return {k: v[0] for k, v in samples.items()}, kernel.transitions
+
+
+def _sample_stats(per_chain: list[list[dict[str, Any]]], nuts: bool) -> dict[str, np.ndarray]:
+    stats = {
+        name: np.asarray([[row[name] for row in chain] for chain in per_chain])
+        for name in per_chain[0][0]
+    }
+    if nuts:
+        n_steps = stats["n_steps"]
+        stats["tree_depth"] = np.floor(np.log2(np.maximum(n_steps, 1))).astype(np.int64) + 1
+    return stats
+
+
+def run_mcmc(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: NUTS | HMC,
+    key: Any,
+) -> Posterior:
+    """Run Pyro's NUTS or HMC and return a `Posterior` (chains x draws).
+
+    See the module docstring for how this differs from the NumPyro runner.
+
+    Raises:
+        ValueError: for ``chain_method="parallel"``, a model without latent sites,
+            or NaN/inf in observed data.
+    """
+    name = type(engine).__name__
+    if engine.chain_method == "parallel":
+        raise ValueError(
+            f"{name}(chain_method='parallel') is not available on the Pyro backend: Pyro runs "
+            "parallel chains in worker processes, which needs picklable models and is fragile "
+            "with torch's threads. Use chain_method='sequential' (chains run one after "
+            "another in this process; 'vectorized' does the same on Pyro)."
+        )
+    seed = as_seed(key)
+    targs, tkwargs = to_torch_args(args, kwargs)
+    with isolated(seed):
+        trace = trace_model(model, targs, tkwargs)
+        observed = check_observed(trace)
+        latent = latent_sites(trace)
+        params = param_sites(trace)
+        if not latent:
+            raise ValueError("fit: the model has no latent sample sites; nothing to infer.")
+        starts: list[dict[str, torch.Tensor]] | None = None
+        run_model = model
+        if not isinstance(engine.init, str) or engine.init == "map":
+            if isinstance(engine.init, str):
+                starts, fixed = _starts_from_map(
+                    model, targs, tkwargs, trace, latent, engine.num_chains, seed
+                )
+            else:
+                starts, fixed = _starts_from_posterior(
+                    engine.init, trace, latent, engine.num_chains
+                )
+            run_model = with_params(model, fixed)
+            params = {**params, **fixed}
+        reset_failed_solves()
+        begin = time.perf_counter()
+        chains = [
+            _run_chain(
+                engine,
+                run_model,
+                targs,
+                tkwargs,
+                sub_seed(seed, 0, c),
+                None if starts is None else starts[c],
+            )
+            for c in range(engine.num_chains)
+        ]
+        wall = time.perf_counter() - begin
+    return build_posterior(
+        model=model,
+        args=args,
+        kwargs=kwargs,
+        engine=engine,
+        seed=seed,
+        latent={s: torch.stack([draws[s] for draws, _ in chains]) for s in latent},
+        params=params,
+        observed=observed,
+        sample_stats=_sample_stats([stats for _, stats in chains], isinstance(engine, NUTS)),
+        wall_time=wall,
+    )

@@ -1,0 +1,189 @@
+"""Variational inference runner for Pyro models (SVI with an autoguide).
+
+Differences from the NumPyro runner, forced by Pyro:
+
+* ``guide="flow"`` (Pyro's ``AutoIAFNormal``) ignores ``init``: Pyro's flow guide
+  always starts at a standard normal in unconstrained space.
+* With ``num_particles > 1`` the particles are vectorised when the model allows it
+  (every batch dimension is a ``pyro.plate``, and one trial ELBO evaluation
+  succeeds); other models (e.g. with a neural ODE inside) loop over particles.
+* As on NumPyro, observations need not sit inside ``pyro.plate``: the ELBO is
+  told the model's real plate nesting, so Pyro's site-shape check accepts them.
+* The fit runs in a private, empty parameter store: ``pyro.param`` sites start at
+  their initial values and the user's own parameter store is left as it was.
+* A `probdyn.data.TaskStream` argument (training across task batches, an amortised
+  posterior) is handed to `probdyn.pyro.engines.vi_stream.run_vi_stream`, as on NumPyro.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoNormal,
+    init_to_median,
+    init_to_sample,
+    init_to_value,
+)
+from tqdm.auto import tqdm
+
+from probdyn.core.engines import VI
+from probdyn.core.posterior import Posterior
+from probdyn.pyro.bridge import (
+    as_seed,
+    check_observed,
+    isolated,
+    latent_sites,
+    param_sites,
+    plate_nesting,
+    plates_complete,
+    sub_seed,
+    to_torch_args,
+    trace_model,
+)
+from probdyn.pyro.engines.map import adam, map_estimate
+from probdyn.pyro.postprocess import build_posterior
+from probdyn.pyro.primitives.ode import reset_failed_solves
+
+__all__ = ["run_vi"]
+
+
+def _guide(engine: VI, model: Callable[..., Any], start: dict[str, Any] | None) -> Any:
+    init: Any = init_to_sample if engine.init == "sample" else init_to_median
+    if start is not None:
+        init = init_to_value(values=start)
+    if engine.guide == "normal":
+        return AutoNormal(model, init_loc_fn=init)
+    if engine.guide == "lowrank":
+        return AutoLowRankMultivariateNormal(model, init_loc_fn=init, rank=engine.rank)
+    return AutoIAFNormal(model, num_transforms=2)
+
+
+def _elbo(
+    engine: VI,
+    model: Callable[..., Any],
+    guide: Any,
+    trace: dict[str, Any],
+    args: tuple,
+    kwargs: dict,
+) -> Trace_ELBO:
+    """Trace_ELBO, with vectorised particles when the model allows it: every batch
+    dimension of every site is a plate, and one trial evaluation runs without an
+    error or a warning (Pyro checks site shapes against plates while validation is
+    on). Otherwise the particles are looped over."""
+    nesting = plate_nesting(trace)
+    if engine.num_particles > 1 and plates_complete(trace):
+        elbo = Trace_ELBO(
+            num_particles=engine.num_particles, vectorize_particles=True, max_plate_nesting=nesting
+        )
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("error")
+                loss = elbo.loss(model, guide, *args, **kwargs)
+            if np.isfinite(loss):
+                return elbo
+        except Exception:
+            pass
+    return Trace_ELBO(num_particles=engine.num_particles, max_plate_nesting=nesting)
+
+
+def _check_custom_guide(
+    guide: Callable[..., Any], latent: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[str]:
+    """The guide's own ``param`` sites; raise if it misses a latent site of the model.
+
+    Runs the guide once (which also creates its params in the run's private store).
+    """
+    found = trace_model(guide, args, kwargs)
+    missing = [n for n in latent if n not in found or found[n]["type"] != "sample"]
+    if missing:
+        raise ValueError(
+            f"VI(guide={guide!r}): the guide does not sample the model's latent site(s) "
+            f"{missing}; a custom guide must sample every latent site of the model."
+        )
+    return [n for n, site in found.items() if site["type"] == "param"]
+
+
+def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]) -> np.ndarray:
+    losses = np.empty(engine.num_steps)
+    block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
+    with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="VI") as bar:
+        for step in range(engine.num_steps):
+            losses[step] = svi.step(*args, **kwargs)
+            if (step + 1) % block == 0 or step + 1 == engine.num_steps:
+                bar.update(step + 1 - bar.n)
+                bar.set_postfix(loss=f"{losses[step]:.4g}")
+    return losses
+
+
+def run_vi(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
+) -> Posterior:
+    """Fit an autoguide (or the user's guide function) by SVI; its draws form one
+    chain of ``num_draws`` draws. (A `TaskStream` argument is
+    trained by `run_vi_stream`, registered as the ``"stream"`` variant.)
+
+    See the module docstring for how this differs from the NumPyro runner.
+    """
+    seed = as_seed(key)
+    targs, tkwargs = to_torch_args(args, kwargs)
+    with isolated(seed):
+        trace = trace_model(model, targs, tkwargs)
+        observed = check_observed(trace)
+        latent = latent_sites(trace)
+        model_params = list(param_sites(trace))
+        if not latent and not model_params:
+            raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
+        size = sum(int(trace[n]["value"].numel()) for n in latent)
+        guide_params: list[str] = []
+        if callable(engine.guide):
+            guide_params = _check_custom_guide(engine.guide, latent, targs, tkwargs)
+        elif engine.guide == "flow" and size < 2:
+            raise ValueError(
+                f"VI(guide='flow') needs at least 2 latent dimensions, but the model has {size}; "
+                "use guide='normal' (exact for a one-dimensional Gaussian posterior)."
+            )
+        centre = None
+        if engine.init == "map":
+            centre, _ = map_estimate(model, targs, tkwargs, sub_seed(seed, 2))
+        reset_failed_solves()
+        begin = time.perf_counter()
+        torch.manual_seed(sub_seed(seed, 0))
+        custom = callable(engine.guide)
+        guide: Any = engine.guide if custom else _guide(engine, model, centre)
+        guide(*targs, **tkwargs)  # sets the guide up outside any particle plate
+        elbo = _elbo(engine, model, guide, trace, targs, tkwargs)
+        optim = adam(engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction)
+        svi = SVI(model, guide, optim, elbo)
+        losses = _optimise(svi, engine, targs, tkwargs)
+        torch.manual_seed(sub_seed(seed, 4))
+        with torch.no_grad():
+            if custom:
+                traces = [trace_model(guide, targs, tkwargs) for _ in range(engine.num_draws)]
+                rows = [{s: tr[s]["value"] for s in latent} for tr in traces]
+            else:
+                rows = [guide(*targs, **tkwargs) for _ in range(engine.num_draws)]
+            fitted = param_sites(trace_model(model, targs, tkwargs))
+            if guide_params:
+                fitted.update(param_sites(trace_model(guide, targs, tkwargs)))
+        wall = time.perf_counter() - begin
+    return build_posterior(
+        model=model,
+        args=args,
+        kwargs=kwargs,
+        engine=engine,
+        seed=seed,
+        latent={s: torch.stack([r[s] for r in rows]).unsqueeze(0) for s in latent},
+        params={k: fitted[k] for k in [*model_params, *guide_params]},
+        observed=observed,
+        traces={"loss": losses},
+        wall_time=wall,
+    )
