@@ -60,7 +60,7 @@ from numpyro.infer import Predictive, log_likelihood
 
 import probdyn
 from probdyn.engines import smc_math as _smc_math
-from probdyn.numpyro.engines import smc as probdyn_smc
+from probdyn.numpyro.engines import smc_program
 from probdyn.testing import (
     ReferenceProblem,
     linear_regression_data,
@@ -99,7 +99,7 @@ def load() -> str:
 
 def clear_all() -> None:
     """JAX's compile caches and probdyn's cache of compiled SMC programs."""
-    probdyn_smc._CACHE.clear()
+    smc_program.clear_cache()
     h.fresh_caches()
 
 
@@ -597,7 +597,7 @@ def main() -> None:
         flush=True,
     )
     h.warm_up_process(warm_up_extra)
-    probdyn_smc._CACHE.clear()
+    smc_program.clear_cache()
     part1 = overhead(data, s, args.repeats)
     print(f"\nload average after part 1: {load()}", flush=True)
 

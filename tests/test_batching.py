@@ -1,4 +1,5 @@
-"""Cache-sized batches for SMC particles and ensemble members (`probdyn.numpyro.engines.batching`)."""
+"""Cache-sized batches for SMC particles and ensemble members
+(`probdyn.numpyro.engines.batching`)."""
 
 from __future__ import annotations
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +18,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from engine_backends import run_on_four_cpu_devices
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_density
-from scipy import stats
 
 import probdyn
 from probdyn.numpyro import BayesianMLP
@@ -171,10 +167,6 @@ def test_members_stepped_in_batches_match_one_vmap(small: probdyn.Posterior) -> 
     jax.default_backend() != "cpu", reason="forces 4 CPU devices; the default backend is not CPU"
 )
 def test_sharded_members_match_single_device(small: probdyn.Posterior, tmp_path: Path) -> None:
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
-    env["JAX_ENABLE_X64"] = "1"
     config = {
         "num_members": SMALL.num_members,
         "num_steps": SMALL.num_steps,
@@ -183,16 +175,7 @@ def test_sharded_members_match_single_device(small: probdyn.Posterior, tmp_path:
         "progress_bar": False,
     }
     out = tmp_path / "w.npy"
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_RUN, json.dumps(config), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_on_four_cpu_devices(_SHARDED_RUN, json.dumps(config), str(out))
     assert report["device_count"] == 4 and report["x64"]
     # The members' final values came back split over the 4 devices ...
     assert report["num_devices"] == 4
@@ -261,32 +244,6 @@ def test_bayesian_mlp_plugs_in() -> None:
     assert pred["y"].shape == (1, 4, 9) and np.all(np.isfinite(pred["y"]))
 
 
-def test_anchored_warns_for_non_gaussian_likelihood() -> None:
-    def model(y: Any) -> None:
-        rate = numpyro.sample("rate", dist.LogNormal(0.0, 1.0))
-        with numpyro.plate("data", len(y)):
-            numpyro.sample("y", dist.Poisson(rate), obs=y)
-
-    engine = probdyn.Ensemble(num_members=3, num_steps=10, anchored=True, progress_bar=False)
-    with pytest.warns(UserWarning, match=r"\['y'\].*approximation"):
-        post = probdyn.fit(model, np.array([1.0, 3.0, 2.0]), engine=engine, key=0)
-    assert post.samples["rate"].shape == (1, 3)
-
-
-def test_non_finite_members_are_kept_with_a_warning() -> None:
-    def model() -> None:
-        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
-        numpyro.factor("only_positive", jnp.where(x > 0, -x, jnp.nan))
-
-    engine = probdyn.Ensemble(num_members=16, num_steps=5, progress_bar=False)
-    with pytest.warns(RuntimeWarning, match=r"member\(s\) end with a non-finite loss"):
-        post = probdyn.fit(model, engine=engine, key=0)
-    bad = ~np.isfinite(post.sample_stats["lp"][0])
-    negative = post.samples["x"][0] <= 0  # a NaN loss skips the step: x stays there
-    assert bad.any() and np.array_equal(bad, negative)
-    assert post.samples["x"].shape == (1, 16)
-
-
 def test_bad_models_raise() -> None:
     def no_latents(y: Any) -> None:
         numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
@@ -299,66 +256,6 @@ def test_bad_models_raise() -> None:
         probdyn.fit(no_latents, np.ones(3), engine=engine, key=0)
     with pytest.raises(ValueError, match="'k' is discrete"):
         probdyn.fit(discrete, engine=engine, key=0)
-
-
-# -- Starts: prior medians down a hierarchy -----------------------------------------------
-
-HIERARCHY_Y = np.array([2.0, 2.5, 1.5])
-
-
-def _hierarchy(y: Any) -> None:
-    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
-    z = numpyro.sample("z", dist.Normal(mu, 1.0))
-    with numpyro.plate("data", len(y)):
-        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
-
-
-def _hierarchy_pyro(y: Any) -> None:
-    import pyro
-    import pyro.distributions as pdist
-    import torch
-
-    mu = pyro.sample("mu", pdist.Normal(0.0, 10.0))
-    z = pyro.sample("z", pdist.Normal(mu, 1.0))
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", pdist.Normal(z, 1.0), obs=torch.as_tensor(y))
-
-
-@pytest.fixture
-def torch_float64() -> Iterator[None]:
-    torch = pytest.importorskip("torch")
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("torch_float64")
-def test_hierarchical_start_is_the_median_down_the_model_for_every_key_and_backend() -> None:
-    # With init_scale=0 every member starts at the prior median, z's taken with mu at
-    # its median (mu = 0, so z = 0), not at a random prior draw of mu: the first loss
-    # is -log p(mu=0, z=0, y) for every key, and the path after it is deterministic
-    # (no subsampling), so a few plain steps end at one point for every key, on both
-    # backends (the same Adam formulas and float64 learning rate).
-    engine = probdyn.Ensemble(num_members=3, num_steps=5, init_scale=0.0, progress_bar=False)
-    start = -(
-        stats.norm.logpdf(0.0, 0.0, 10.0)
-        + stats.norm.logpdf(0.0, 0.0, 1.0)
-        + stats.norm.logpdf(HIERARCHY_Y, 0.0, 1.0).sum()
-    )
-    fits = [probdyn.fit(_hierarchy, HIERARCHY_Y, engine=engine, key=k) for k in (0, 1)]
-    pyro_fit = probdyn.fit(_hierarchy_pyro, HIERARCHY_Y, engine=engine, key=0, backend="pyro")
-    for post in [*fits, pyro_fit]:
-        np.testing.assert_allclose(post.traces["loss"][:, 0], start, rtol=1e-14)
-        assert np.ptp(post.samples["z"]) == 0.0 and np.ptp(post.samples["mu"]) == 0.0
-    assert fits[0].samples["z"][0, 0] > 0.01  # the steps moved towards the data
-    for site in ("mu", "z"):
-        np.testing.assert_array_equal(fits[1].samples[site], fits[0].samples[site])
-        # Float64 rounding differs between XLA and torch (measured 2e-18).
-        np.testing.assert_allclose(pyro_fit.samples[site], fits[0].samples[site], rtol=1e-12)
-    np.testing.assert_allclose(pyro_fit.traces["loss"], fits[0].traces["loss"], rtol=1e-12)
 
 
 # -- Blocks of steps -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from scipy import stats
+from engine_backends import check_keys_leave_torch_rng_alone, models
 
 import probdyn
 from probdyn.pyro import BayesianMLP
@@ -29,7 +29,6 @@ from probdyn.testing import (
     check_arviz,
     check_finite,
     check_layout,
-    check_reproducible,
     linear_regression_data,
     normal_data,
     reference_model,
@@ -49,6 +48,7 @@ PLAIN = probdyn.Ensemble(
 
 
 pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
+pyro_models = models("pyro")
 
 
 def _fit(model: Any, args: tuple[Any, ...], engine: probdyn.Ensemble, key: Any = 0) -> Any:
@@ -84,23 +84,8 @@ def test_plain_members_all_reach_the_map_and_layout() -> None:
 def test_same_key_same_members_and_global_rng_untouched() -> None:
     problem = normal_data()
     engine = dataclasses.replace(PLAIN, num_steps=100)
-    before = torch.get_rng_state()
-    check_reproducible(lambda key: _fit(NORMAL, problem.args, engine, key))
-    post = _fit(NORMAL, problem.args, engine, torch.Generator().manual_seed(3))
-    post.predict(problem.args[0], key=2)
-    assert torch.equal(torch.get_rng_state(), before)
-
-
-def _normal_unbatchable(
-    y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0, noise: float = 1.0
-) -> None:
-    # The same model as NORMAL, but `.item()` cannot run under torch.func.vmap.
-    y = torch.as_tensor(y)
-    mu = pyro.sample("mu", dist.Normal(prior_loc, prior_scale))
-    if not np.isfinite(mu.item()):
-        raise ValueError("mu must be finite")
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(mu, noise), obs=y)
+    fit = lambda key: _fit(NORMAL, problem.args, engine, key)
+    check_keys_leave_torch_rng_alone(fit, problem.args[0], generator_seed=3, predict_key=2)
 
 
 def test_loop_fallback_matches_the_batched_run() -> None:
@@ -109,26 +94,10 @@ def test_loop_fallback_matches_the_batched_run() -> None:
         num_members=6, num_steps=200, learning_rate=0.05, anchored=True, progress_bar=False
     )
     batched = _fit(NORMAL, problem.args, engine)
-    looped = _fit(_normal_unbatchable, problem.args, engine)
+    looped = _fit(pyro_models.normal_unbatchable, problem.args, engine)
     assert batched.attrs["batched"] is True and looped.attrs["batched"] is False
     np.testing.assert_allclose(looped.samples["mu"], batched.samples["mu"], rtol=1e-10)
     np.testing.assert_allclose(looped.traces["loss"], batched.traces["loss"], rtol=1e-10)
-
-
-def _poisson_model(x: Any, y: Any) -> None:
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    a = pyro.sample("a", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", len(y)):
-        pyro.sample("counts", dist.Poisson(torch.exp(a * x)), obs=y)
-
-
-def test_anchored_warns_about_non_gaussian_observations() -> None:
-    x = np.linspace(0.0, 1.0, 10)
-    y = np.random.default_rng(0).poisson(np.exp(0.5 * x)).astype(float)
-    engine = dataclasses.replace(PLAIN, num_steps=50, anchored=True)
-    with pytest.warns(UserWarning, match=r"\['counts'\] are not Gaussian"):
-        post = _fit(_poisson_model, (x, y), engine)
-    check_finite(post)
 
 
 def _partial_bnn(x: Any, y: Any = None) -> None:
@@ -154,51 +123,6 @@ def test_bayesian_mlp_members_have_their_own_params() -> None:
     assert not np.allclose(first[0], first[1])  # members start and end apart
     assert np.all(post.traces["loss"][:, -1] < post.traces["loss"][:, 0])
     assert post.predict(x[:4], key=0)["y"].shape == (1, 5, 4)
-
-
-# -- Starts: prior medians down a hierarchy -----------------------------------------------
-
-HIERARCHY_Y = np.array([2.0, 2.5, 1.5])
-
-
-def _hierarchy(y: Any) -> None:
-    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-    z = pyro.sample("z", dist.Normal(mu, 1.0))
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(z, 1.0), obs=torch.as_tensor(y))
-
-
-def _hierarchy_numpyro(y: Any) -> None:
-    import numpyro
-    import numpyro.distributions as ndist
-
-    mu = numpyro.sample("mu", ndist.Normal(0.0, 10.0))
-    z = numpyro.sample("z", ndist.Normal(mu, 1.0))
-    with numpyro.plate("data", len(y)):
-        numpyro.sample("y", ndist.Normal(z, 1.0), obs=y)
-
-
-def test_hierarchical_start_is_the_median_down_the_model_for_every_key_and_backend() -> None:
-    # init_scale=0: every member starts at the prior median, z's taken with mu at its
-    # median (0), so the first loss is -log p(mu=0, z=0, y) whatever the key, and a
-    # few deterministic plain steps end at one point for every key and on both
-    # backends (NumPyro runs in float64 here: tests/conftest.py enables x64).
-    engine = probdyn.Ensemble(num_members=3, num_steps=5, init_scale=0.0, progress_bar=False)
-    start = -(
-        stats.norm.logpdf(0.0, 0.0, 10.0)
-        + stats.norm.logpdf(0.0, 0.0, 1.0)
-        + stats.norm.logpdf(HIERARCHY_Y, 0.0, 1.0).sum()
-    )
-    fits = [_fit(_hierarchy, (HIERARCHY_Y,), engine, key) for key in (0, 1)]
-    jax_fit = probdyn.fit(_hierarchy_numpyro, HIERARCHY_Y, engine=engine, key=0)
-    for post in [*fits, jax_fit]:
-        np.testing.assert_allclose(post.traces["loss"][:, 0], start, rtol=1e-14)
-        assert np.ptp(post.samples["z"]) == 0.0 and np.ptp(post.samples["mu"]) == 0.0
-    assert fits[0].samples["z"][0, 0] > 0.01  # the steps moved towards the data
-    for site in ("mu", "z"):
-        np.testing.assert_array_equal(fits[1].samples[site], fits[0].samples[site])
-        # Float64 rounding differs between torch and XLA (measured 2e-18).
-        np.testing.assert_allclose(jax_fit.samples[site], fits[0].samples[site], rtol=1e-12)
 
 
 # -- Skipped steps: per-member optimiser state --------------------------------------------
@@ -242,18 +166,3 @@ def test_a_skipped_member_resumes_where_it_stopped(optimizer: str) -> None:
         updates, state = tx.update(grad, state, x)
         x = optax.apply_updates(x, updates)
         np.testing.assert_allclose(np.asarray(x), path[step + 1].numpy(), rtol=1e-12, atol=1e-15)
-
-
-def test_non_finite_members_are_kept_with_a_warning() -> None:
-    def model() -> None:
-        x = pyro.sample("x", dist.Normal(0.0, 1.0))
-        # -inf, not NaN: Pyro's validation refuses a NaN factor when the model is traced.
-        pyro.factor("only_positive", torch.where(x > 0, -x, -torch.inf))
-
-    engine = probdyn.Ensemble(num_members=16, num_steps=5, progress_bar=False)
-    with pytest.warns(RuntimeWarning, match=r"member\(s\) end with a non-finite loss"):
-        post = _fit(model, (), engine)
-    bad = ~np.isfinite(post.sample_stats["lp"][0])
-    negative = post.samples["x"][0] <= 0  # an infinite loss skips the step: x stays there
-    assert bad.any() and np.array_equal(bad, negative)
-    assert post.samples["x"].shape == (1, 16)

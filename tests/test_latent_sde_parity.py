@@ -19,6 +19,7 @@ pyro = pytest.importorskip("pyro")
 jax = pytest.importorskip("jax")
 pytest.importorskip("numpyro")
 
+from latent_sde_cases import ragged  # noqa: E402
 from numpyro import handlers  # noqa: E402
 from numpyro.primitives import Messenger  # noqa: E402
 from pyro import poutine  # noqa: E402
@@ -44,13 +45,6 @@ _OPTIONS: dict[str, Any] = {
     "z0_prior": "learned",
     "seed": 3,
 }
-
-
-def _ragged() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    times = [np.array([0.1, 0.4, 0.9]), np.array([0.0, 0.3]), np.array([0.2, 0.5, 0.65, 1.2])]
-    values = [np.arange(6.0).reshape(3, 2) / 6, np.ones((2, 2)), -np.ones((4, 2))]
-    values[2][1, 0] = np.nan  # a missing entry inside a series
-    return times, values
 
 
 class _FixedKey(Messenger):
@@ -106,7 +100,7 @@ def _torch_logp(tr: Any, name: str) -> np.ndarray:
 
 
 def test_same_weights_and_noise_give_the_same_elbo_terms(monkeypatch: Any) -> None:
-    p = pad_series(*_ragged())
+    p = pad_series(*ragged())
     args = (p.times, p.values, p.mask)
     jl, tl = JaxLatentSDE(**_OPTIONS), TorchLatentSDE(**_OPTIONS)
     grid = jl.grid(p.times, p.mask, t0=0.0)

@@ -1,5 +1,9 @@
-"""AttentiveNP (NumPyro): sites, masked attention, invariances, and a short training run; the
-optional latent path (the full ANP): its sites, its amortised guide, and a short ELBO fit."""
+"""AttentiveNP (NumPyro): sites, masked attention, and attention against mean pooling in a
+short training run; the optional latent path (the full ANP): its sites and its errors.
+
+The tests every backend passes are in tests/test_np.py (padding and context order, the
+amortised guide, the constructor's errors) and tests/test_np_training.py (training, and
+prediction with the latent path)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpyro import handlers
-from numpyro.infer.util import log_density
 from scipy import stats
 
 import probdyn
@@ -31,11 +34,9 @@ def _trace(**kwargs) -> dict:
     return handlers.trace(handlers.seed(attentive_np_model, 0)).get_trace(**kwargs)
 
 
-def test_sites_and_minimum_sd() -> None:
-    tasks = gp_tasks(3, key=0)
-    tr = _trace(**_kwargs(tasks), hidden=8, num_heads=2, encoder_depth=2, min_sd=0.2)
-    shapes = {n: s["value"].shape for n, s in tr.items() if s["type"] == "param"}
-    expected = {
+def _expected_shapes(latent_dim: int | None) -> dict[str, tuple[int, ...]]:
+    """The param shapes of the attentive NP with hidden=8, encoder_depth=2, num_heads=2."""
+    weights = {
         "anp.encoder.layers.0.weight": (2, 8),
         "anp.encoder.layers.1.weight": (8, 8),
         "anp.key_query.layers.0.weight": (1, 8),
@@ -44,38 +45,28 @@ def test_sites_and_minimum_sd() -> None:
         "anp.attention.key.layers.0.weight": (8, 8),
         "anp.attention.value.layers.0.weight": (8, 8),
         "anp.attention.output.layers.0.weight": (8, 8),
-        "anp.decoder.layers.0.weight": (9, 8),
-        "anp.decoder.layers.1.weight": (8, 8),
-        "anp.decoder.layers.2.weight": (8, 2),
     }
-    expected |= {n.replace("weight", "bias"): s[1:] for n, s in expected.items()}
-    assert shapes == expected
+    if latent_dim is not None:
+        weights |= {
+            "anp.latent_encoder.layers.0.weight": (2, 8),
+            "anp.latent_encoder.layers.1.weight": (8, 8),
+            "anp.latent_head.layers.0.weight": (8, 8),
+            "anp.latent_head.layers.1.weight": (8, 2 * latent_dim),  # loc and raw scale
+        }
+    # [x, r(x)] = 1 + 8, and with the latent path [x, r(x), z] = 1 + 8 + latent_dim
+    weights["anp.decoder.layers.0.weight"] = (9 + (latent_dim or 0), 8)
+    weights["anp.decoder.layers.1.weight"] = (8, 8)
+    weights["anp.decoder.layers.2.weight"] = (8, 2)
+    return weights | {n.replace("weight", "bias"): s[1:] for n, s in weights.items()}
+
+
+def test_sites_and_minimum_sd() -> None:
+    tasks = gp_tasks(3, key=0)
+    tr = _trace(**_kwargs(tasks), hidden=8, num_heads=2, encoder_depth=2, min_sd=0.2)
+    shapes = {n: s["value"].shape for n, s in tr.items() if s["type"] == "param"}
+    assert shapes == _expected_shapes(latent_dim=None)
     assert tr["y"]["is_observed"] and tr["mean"]["value"].shape == (3, 50, 1)
     assert float(tr["sd"]["value"].min()) >= 0.2
-
-
-def test_padding_and_context_order_do_not_matter() -> None:
-    tasks = gp_tasks(4, key=1)
-    kw = _kwargs(tasks)
-    opts = {"hidden": 16, "num_heads": 4}
-    params = {n: s["value"] for n, s in _trace(**kw, **opts).items() if s["type"] == "param"}
-    logp = jax.jit(lambda k: log_density(attentive_np_model, (), {**k, **opts}, params)[0])
-    base = float(logp(kw))
-    assert np.isfinite(base)
-    noisy = dict(kw)
-    junk = jnp.full_like(kw["x_context"], 7.0)
-    noisy["x_context"] = jnp.where(kw["mask_context"][..., None], kw["x_context"], junk)
-    noisy["y_context"] = jnp.where(kw["mask_context"][..., None], kw["y_context"], -junk)
-    noisy["y_target"] = jnp.where(kw["mask_target"][..., None], kw["y_target"], 99.0)
-    np.testing.assert_allclose(float(logp(noisy)), base, rtol=1e-12)
-    # Attention is a weighted sum over the context set: its order does not matter.
-    perm = dict(kw)
-    for f in ("x_context", "y_context"):
-        arr = np.array(getattr(tasks, f))
-        for i, n in enumerate(tasks.num_context):
-            arr[i, :n] = arr[i, :n][::-1]
-        perm[f] = jnp.asarray(arr)
-    np.testing.assert_allclose(float(logp(perm)), base, rtol=1e-12)
 
 
 def test_masked_context_points_are_dropped_and_an_empty_context_is_finite() -> None:
@@ -130,16 +121,6 @@ def test_attention_fits_the_context_better_than_mean_pooling() -> None:
     assert scores[0].mean() < 1.384
 
 
-def test_errors_name_the_argument() -> None:
-    with handlers.seed(rng_seed=0):
-        with pytest.raises(ValueError, match="num_heads=3"):
-            AttentiveNP("a", hidden=16, num_heads=3)
-        with pytest.raises(ValueError, match="AttentiveNP\\(num_heads=0\\)"):
-            AttentiveNP("a", num_heads=0)
-        with pytest.raises(ValueError, match=r"min_sd=1\.0"):
-            AttentiveNP("a", min_sd=1.0)
-
-
 # -- the latent path (latent_dim=k): the full ANP of Kim et al. (2019) ------------------------
 
 
@@ -156,25 +137,7 @@ def test_latent_path_sites_and_shapes() -> None:
     opts = {"hidden": 8, "num_heads": 2, "latent_dim": 4, "encoder_depth": 2, "min_sd": 0.2}
     tr = _fn_trace(attentive_np_model, **_kwargs(tasks), **opts)
     shapes = {n: s["value"].shape for n, s in tr.items() if s["type"] == "param"}
-    expected = {
-        "anp.encoder.layers.0.weight": (2, 8),
-        "anp.encoder.layers.1.weight": (8, 8),
-        "anp.key_query.layers.0.weight": (1, 8),
-        "anp.key_query.layers.1.weight": (8, 8),
-        "anp.attention.query.layers.0.weight": (8, 8),
-        "anp.attention.key.layers.0.weight": (8, 8),
-        "anp.attention.value.layers.0.weight": (8, 8),
-        "anp.attention.output.layers.0.weight": (8, 8),
-        "anp.latent_encoder.layers.0.weight": (2, 8),
-        "anp.latent_encoder.layers.1.weight": (8, 8),
-        "anp.latent_head.layers.0.weight": (8, 8),
-        "anp.latent_head.layers.1.weight": (8, 8),  # 2 * latent_dim: loc and raw scale
-        "anp.decoder.layers.0.weight": (13, 8),  # [x, r(x), z] = 1 + 8 + 4
-        "anp.decoder.layers.1.weight": (8, 8),
-        "anp.decoder.layers.2.weight": (8, 2),
-    }
-    expected |= {n.replace("weight", "bias"): s[1:] for n, s in expected.items()}
-    assert shapes == expected
+    assert shapes == _expected_shapes(latent_dim=4)
     assert not tr["z"]["is_observed"] and tr["z"]["value"].shape == (3, 4)
     assert tr["z"]["fn"].event_shape == (4,)
     assert tr["y"]["is_observed"] and tr["mean"]["value"].shape == (3, 50, 1)
@@ -191,73 +154,6 @@ def test_latent_path_sites_and_shapes() -> None:
     guide = _fn_trace(attentive_np_guide, **kw, **opts)
     assert [n for n, s in guide.items() if s["type"] == "sample"] == ["z"]
     assert set(_params(guide)) == set(shapes)
-
-
-def _z_dist(fn, params, **kwargs):
-    tr = handlers.trace(handlers.seed(handlers.substitute(fn, params), 0)).get_trace(**kwargs)
-    base = tr["z"]["fn"].base_dist
-    return np.asarray(base.loc), np.asarray(base.scale)
-
-
-def test_latent_guide_amortises_over_targets_and_ignores_padding() -> None:
-    tasks = gp_tasks(4, key=1)
-    opts = {"hidden": 16, "num_heads": 4, "latent_dim": 3}
-    kw = _kwargs(tasks)
-    params = _params(_fn_trace(attentive_np_model, **kw, **opts))
-    prior = _z_dist(attentive_np_model, params, **kw, **opts)
-    # Prediction (no y_target): the guide is the model's p(z | context).
-    pred = _z_dist(attentive_np_guide, params, **{**kw, "y_target": None}, **opts)
-    np.testing.assert_array_equal(pred[0], prior[0])
-    np.testing.assert_array_equal(pred[1], prior[1])
-    # Training: q(z | targets) differs from p(z | context) (more points), its scale >= 0.1.
-    post = _z_dist(attentive_np_guide, params, **kw, **opts)
-    assert np.abs(post[0] - prior[0]).max() > 1e-3 and post[1].min() >= 0.1
-    # Garbage in padded target slots does not change q.
-    noisy = dict(kw)
-    noisy["x_target"] = jnp.where(kw["mask_target"][..., None], kw["x_target"], 5.0)
-    noisy["y_target"] = jnp.where(kw["mask_target"][..., None], kw["y_target"], -9.0)
-    again = _z_dist(attentive_np_guide, params, **noisy, **opts)
-    np.testing.assert_allclose(again[0], post[0], rtol=1e-12)
-    np.testing.assert_allclose(again[1], post[1], rtol=1e-12)
-    # Without mask_target every slot counts, the padding included: q changes.
-    unmasked = _z_dist(attentive_np_guide, params, **{**noisy, "mask_target": None}, **opts)
-    assert np.abs(unmasked[0] - post[0]).max() > 1e-3
-
-
-def test_latent_fit_and_predict_draw_z_from_the_context() -> None:
-    # A short NP-ELBO fit through probdyn.fit (3 steps: it runs, not that it learns), then
-    # amortised prediction on a new task: every draw has its own z ~ p(z | context), and the
-    # decoder maps it to that draw's mean and sd.
-    opts = {"hidden": 8, "num_heads": 2, "latent_dim": 2}
-    engine = probdyn.VI(guide=attentive_np_guide, num_steps=3, progress_bar=False)
-    post = probdyn.fit(attentive_np_model, gp_task_stream(4), engine=engine, key=0, **opts)
-    assert post.amortized and post.traces["loss"].shape == (3,)
-    assert np.isfinite(post.traces["loss"]).all()
-    assert "anp.latent_head.layers.1.weight" in post.params
-    rng = np.random.default_rng(1)
-    x_c, x_t = rng.uniform(-2, 2, 5), np.linspace(-2, 2, 7)
-    y_c = np.sin(x_c)
-    pred = post.predict(x_t, context=(x_c, y_c), num_draws=4, key=3)
-    assert {k: v.shape for k, v in pred.items()} == {
-        "z": (1, 4, 2),
-        "mean": (1, 4, 7),
-        "sd": (1, 4, 7),
-        "y": (1, 4, 7),
-    }
-    assert not np.allclose(pred["z"][0, 0], pred["z"][0, 1])
-    assert not np.allclose(pred["mean"][0, 0], pred["mean"][0, 1])
-    kw = {
-        "x_context": jnp.asarray(x_c[None, :, None]),
-        "y_context": jnp.asarray(y_c[None, :, None]),
-        "mask_context": jnp.ones((1, 5), bool),
-        "x_target": jnp.asarray(x_t[None, :, None]),
-    }
-    params = {k: jnp.asarray(v) for k, v in post.params.items()}
-    for d in range(4):
-        model = handlers.condition(attentive_np_model, {"z": jnp.asarray(pred["z"][0, d][None])})
-        tr = _fn_trace(handlers.substitute(model, params), **kw, **opts)
-        np.testing.assert_allclose(pred["mean"][0, d], tr["mean"]["value"][0, :, 0], rtol=1e-12)
-        np.testing.assert_allclose(pred["sd"][0, d], tr["sd"]["value"][0, :, 0], rtol=1e-12)
 
 
 def test_latent_path_errors_name_the_argument() -> None:

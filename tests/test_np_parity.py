@@ -226,6 +226,30 @@ def test_fitted_params_move_between_backends() -> None:
     assert not np.allclose(jpost.params[name], tpost.params[name])
 
 
+def _assert_same_predictive(jtr: dict, ttr: dict) -> None:
+    """The same mean, sd and log density of ``"y"`` in a NumPyro and a Pyro trace."""
+    for site in ("mean", "sd"):
+        np.testing.assert_allclose(ttr[site]["value"], jtr[site]["value"], rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(
+        float(ttr["y"]["fn"].log_prob(ttr["y"]["value"]).sum()),
+        float(jtr["y"]["fn"].log_prob(jtr["y"]["value"]).sum()),
+        rtol=TOL,
+    )
+
+
+def _assert_same_latent(guide: str, tasks, weights: dict, jtr: dict, ttr: dict, **options) -> None:
+    """p(z | context) in the models' traces and q(z | targets) in ``guide``: the same on both
+    backends; the guide sees the targets, so it differs from the model's prior."""
+    jguide = _jax_trace(guide, tasks, weights, **options)
+    tguide = _torch_trace(guide, tasks, weights, **options)
+    for jt, tt in ((jtr, ttr), (jguide, tguide)):
+        jd, td = jt["z"]["fn"].base_dist, tt["z"]["fn"].base_dist
+        np.testing.assert_allclose(td.loc, jd.loc, rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(td.scale, jd.scale, rtol=TOL, atol=TOL)
+    shift = jguide["z"]["fn"].base_dist.loc - jtr["z"]["fn"].base_dist.loc
+    assert float(jnp.abs(shift).max()) > 1e-3
+
+
 @pytest.mark.parametrize("deterministic_path", [True, False])
 def test_latent_np_same_weights_same_numbers(deterministic_path: bool) -> None:
     options = {"hidden": 16, "latent_dim": 3, "deterministic_path": deterministic_path}
@@ -234,23 +258,8 @@ def test_latent_np_same_weights_same_numbers(deterministic_path: bool) -> None:
     z = np.random.default_rng(3).normal(size=(5, 3))
     jtr = _jax_trace("latent_np_model", tasks, weights, {"z": z}, **options)
     ttr = _torch_trace("latent_np_model", tasks, weights, {"z": z}, **options)
-    for site in ("mean", "sd"):  # the decoder given z
-        np.testing.assert_allclose(ttr[site]["value"], jtr[site]["value"], rtol=TOL, atol=TOL)
-    np.testing.assert_allclose(
-        float(ttr["y"]["fn"].log_prob(ttr["y"]["value"]).sum()),
-        float(jtr["y"]["fn"].log_prob(jtr["y"]["value"]).sum()),
-        rtol=TOL,
-    )
-    # p(z | context) in the model and q(z | targets) in the guide.
-    jguide = _jax_trace("latent_np_guide", tasks, weights, **options)
-    tguide = _torch_trace("latent_np_guide", tasks, weights, **options)
-    for jt, tt in ((jtr, ttr), (jguide, tguide)):
-        jd, td = jt["z"]["fn"].base_dist, tt["z"]["fn"].base_dist
-        np.testing.assert_allclose(td.loc, jd.loc, rtol=TOL, atol=TOL)
-        np.testing.assert_allclose(td.scale, jd.scale, rtol=TOL, atol=TOL)
-    # The guide sees the targets, so it differs from the model's prior.
-    shift = jguide["z"]["fn"].base_dist.loc - jtr["z"]["fn"].base_dist.loc
-    assert float(jnp.abs(shift).max()) > 1e-3
+    _assert_same_predictive(jtr, ttr)  # the decoder given z
+    _assert_same_latent("latent_np_guide", tasks, weights, jtr, ttr, **options)
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
@@ -261,28 +270,13 @@ def test_attentive_np_with_latent_path_same_weights_same_numbers(activation: str
     z = np.random.default_rng(7).normal(size=(5, 3))
     jtr = _jax_trace("attentive_np_model", tasks, weights, {"z": z}, **options)
     ttr = _torch_trace("attentive_np_model", tasks, weights, {"z": z}, **options)
-    for site in ("mean", "sd"):  # the decoder given z and the attention to the context
-        np.testing.assert_allclose(ttr[site]["value"], jtr[site]["value"], rtol=TOL, atol=TOL)
-    np.testing.assert_allclose(
-        float(ttr["y"]["fn"].log_prob(ttr["y"]["value"]).sum()),
-        float(jtr["y"]["fn"].log_prob(jtr["y"]["value"]).sum()),
-        rtol=TOL,
-    )
+    _assert_same_predictive(jtr, ttr)  # the decoder given z and the attention to the context
     # The weights and z matter: the sd head is off its floor, and another z moves the mean.
     jsd = np.asarray(jtr["sd"]["value"])
     assert jsd.max() > 0.1 and float(np.std(jtr["mean"]["value"])) > 1e-2
     other = _jax_trace("attentive_np_model", tasks, weights, {"z": z + 1.0}, **options)
     assert float(jnp.abs(other["mean"]["value"] - jtr["mean"]["value"]).max()) > 1e-3
-    # p(z | context) in the model and q(z | targets) in the guide.
-    jguide = _jax_trace("attentive_np_guide", tasks, weights, **options)
-    tguide = _torch_trace("attentive_np_guide", tasks, weights, **options)
-    for jt, tt in ((jtr, ttr), (jguide, tguide)):
-        jd, td = jt["z"]["fn"].base_dist, tt["z"]["fn"].base_dist
-        np.testing.assert_allclose(td.loc, jd.loc, rtol=TOL, atol=TOL)
-        np.testing.assert_allclose(td.scale, jd.scale, rtol=TOL, atol=TOL)
-    # The guide sees the targets, so it differs from the model's prior.
-    shift = jguide["z"]["fn"].base_dist.loc - jtr["z"]["fn"].base_dist.loc
-    assert float(jnp.abs(shift).max()) > 1e-3
+    _assert_same_latent("attentive_np_guide", tasks, weights, jtr, ttr, **options)
 
 
 def test_same_masked_loss_and_gradient() -> None:

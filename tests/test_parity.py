@@ -5,6 +5,7 @@ same weights, vector field and point give the same numbers in both (float64).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,15 +29,15 @@ import probdyn.pyro as pp  # noqa: E402
 from probdyn.numpyro.primitives.bnn import ACTIVATIONS as JAX_ACTIVATIONS  # noqa: E402
 from probdyn.pyro.primitives.bnn import ACTIVATIONS as TORCH_ACTIVATIONS  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
+
 
 @pytest.fixture(autouse=True)
-def float64_and_clean_param_store():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+def clean_param_store() -> Iterator[None]:
+    """Every test starts, and leaves, with an empty Pyro param store."""
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
-    torch.set_default_dtype(before)
 
 
 # -- (1) the same API -------------------------------------------------------------------

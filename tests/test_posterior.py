@@ -11,6 +11,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from engine_backends import assert_same_posterior
 
 import probdyn
 from probdyn.numpyro import BayesianMLP, NeuralODE
@@ -39,29 +40,11 @@ def nuts_post(vi_post: probdyn.Posterior) -> probdyn.Posterior:
     return probdyn.fit(bnn_model, X, Y, engine=engine, key=0)
 
 
-def _assert_same(a: probdyn.Posterior, b: probdyn.Posterior) -> None:
-    for group in (
-        "samples",
-        "sample_stats",
-        "posterior_predictive",
-        "log_likelihood",
-        "observed_data",
-        "params",
-        "traces",
-    ):
-        ga, gb = getattr(a, group), getattr(b, group)
-        assert set(ga) == set(gb), group
-        for name in ga:
-            np.testing.assert_array_equal(ga[name], gb[name], err_msg=f"{group}[{name}]")
-            assert np.asarray(ga[name]).dtype == np.asarray(gb[name]).dtype, (group, name)
-    assert a.attrs == b.attrs
-
-
 @pytest.mark.parametrize("which", ["vi_post", "nuts_post"])
 def test_save_load_round_trip_is_exact(which: str, request, tmp_path: Path) -> None:
     post = request.getfixturevalue(which)
     post.save(tmp_path / "p.nc")
-    _assert_same(post, probdyn.load(tmp_path / "p.nc"))
+    assert_same_posterior(post, probdyn.load(tmp_path / "p.nc"))
 
 
 def test_partial_bnn_params_are_fitted_by_vi_and_fixed_in_nuts(vi_post, nuts_post) -> None:

@@ -1,5 +1,6 @@
 """Backend parity of NeuralSDE: the same API, the same sites, and given the same
-Brownian increments the same path (float64).
+Brownian increments the same path and the same log density (float64). The same
+messages for the same bad input are checked in test_sde.py.
 
 Both backends step on the same grid with the same schemes (Euler–Maruyama,
 diagonal Itô–Milstein ``y + f h + g dW + J_g^T (g (dW^2 - h) / 2)``, Rößler's
@@ -36,14 +37,7 @@ from probdyn.pyro.primitives.sde import NeuralSDE as TorchSDE  # noqa: E402
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def float64_one_thread():
-    before, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("torch_float64_one_thread")
 
 
 # -- the same API ------------------------------------------------------------------------------
@@ -152,20 +146,21 @@ def test_same_increments_same_path(case: str) -> None:
 OBS_TIMES = np.array([0.4, 1.1, 1.5, 2.6, 3.0])
 
 
-def jax_ou(times, y):
-    theta = numpyro.sample("theta", ndist.LogNormal(0.0, 1.0))
-    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
-    sde = JaxSDE.langevin(lambda z, a: -a[0] * z, lambda t, a: a[1], dt=0.25, solver="srk")
-    z = sde(jnp.ones(1), times, (theta, sigma), t0=0.0)
-    numpyro.sample("y", ndist.Normal(z[:, 0], 0.1).to_event(1), obs=y)
+def _ou_model(sample, dist, sde_cls, ones):
+    """The OU model with latent increments, written once against a backend's modules."""
+
+    def model(times, y):
+        theta = sample("theta", dist.LogNormal(0.0, 1.0))
+        sigma = sample("sigma", dist.HalfNormal(1.0))
+        sde = sde_cls.langevin(lambda z, a: -a[0] * z, lambda t, a: a[1], dt=0.25, solver="srk")
+        z = sde(ones(1), times, (theta, sigma), t0=0.0)
+        sample("y", dist.Normal(z[:, 0], 0.1).to_event(1), obs=y)
+
+    return model
 
 
-def torch_ou(times, y):
-    theta = pyro.sample("theta", pdist.LogNormal(0.0, 1.0))
-    sigma = pyro.sample("sigma", pdist.HalfNormal(1.0))
-    sde = TorchSDE.langevin(lambda z, a: -a[0] * z, lambda t, a: a[1], dt=0.25, solver="srk")
-    z = sde(torch.ones(1), times, (theta, sigma), t0=0.0)
-    pyro.sample("y", pdist.Normal(z[:, 0], 0.1).to_event(1), obs=y)
+jax_ou = _ou_model(numpyro.sample, ndist, JaxSDE, jnp.ones)
+torch_ou = _ou_model(pyro.sample, pdist, TorchSDE, torch.ones)
 
 
 def test_ou_model_same_log_density_at_the_same_point() -> None:
@@ -189,46 +184,3 @@ def test_ou_model_same_log_density_at_the_same_point() -> None:
         torch.as_tensor(OBS_TIMES), torch.as_tensor(y)
     )
     assert float(tr.log_prob_sum()) == pytest.approx(float(lp_jax), rel=TOL, abs=TOL)
-
-
-# -- the same refusals -------------------------------------------------------------------------
-
-
-def _f(t, z, a):
-    return -z
-
-
-def _g(t, z, a):
-    return 0.1 * z
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"solver": "rk4", "dt": 0.1},
-        {"dt": 0.0},
-        {"dt": 0.1, "noise": "scalar"},
-        {"dt": 0.1, "brownian": "tree"},
-        {"dt": 0.1, "solver": "milstein", "noise": "general", "brownian_size": 2},
-        {"dt": 0.1, "solver": "srk"},
-        {"dt": 0.1, "noise": "general"},
-        {"dt": 0.1, "brownian_size": 2},
-    ],
-)
-def test_same_messages_for_bad_options(kwargs) -> None:
-    with pytest.raises(ValueError) as jax_error:
-        JaxSDE(_f, _g, **kwargs)
-    with pytest.raises(ValueError) as torch_error:
-        TorchSDE(_f, _g, **kwargs)
-    assert str(torch_error.value) == str(jax_error.value)
-
-
-@pytest.mark.parametrize(
-    "times, t0", [([0.0, 0.5, 0.3], None), ([0.0, 0.5, 0.5], None), ([0.5, 0.7], 1.0)]
-)
-def test_same_messages_for_bad_times(times, t0) -> None:
-    with pytest.raises(ValueError) as jax_error:
-        JaxSDE(_f, _g, dt=0.1)(jnp.ones(2), jnp.asarray(times), t0=t0, key=0)
-    with pytest.raises(ValueError) as torch_error:
-        TorchSDE(_f, _g, dt=0.1)(torch.ones(2), times, t0=t0, key=0)
-    assert str(torch_error.value) == str(jax_error.value)

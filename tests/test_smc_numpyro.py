@@ -9,10 +9,6 @@ reuses one compiled program, so a repeat costs the sampling alone.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,14 +18,16 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from engine_backends import check_step_rule, check_tempered_traces, run_on_four_cpu_devices
 from scipy import integrate, stats
 
 import probdyn
-from probdyn.engines import smc_math as _smc_math
 from probdyn.numpyro import BayesianMLP
 from probdyn.numpyro.engines import smc as _smc
+from probdyn.numpyro.engines import smc_program as _smc_program
 from probdyn.numpyro.engines.smc import sample_smc
-from probdyn.numpyro.logdensity import loglik_floor
+from probdyn.numpyro.engines.smc_program import particle_batch_size
+from probdyn.numpyro.logdensity import flat_model, loglik_floor
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
@@ -84,18 +82,6 @@ def _repeat(model: Callable[..., None], args: tuple, stat: Callable) -> np.ndarr
     return np.array([stat(sample_smc(model, args, {}, ENGINE, key)) for key in range(REPEATS)])
 
 
-def _check_step_rule(post: probdyn.Posterior, kernel: str, dim: int) -> None:
-    """The step sizes follow the rule and constants of probdyn/engines/smc_math.py, which the
-    Pyro runner uses too: the first from `initial_step_size`, each next one from the
-    previous stage's acceptance rate by `adapt_step_size` with `step_adapt_gain`."""
-    steps, rates = post.traces["step_size"], post.traces["acceptance_rate"]
-    assert steps[0] == pytest.approx(_smc_math.initial_step_size(kernel, dim), rel=1e-12)
-    target = _smc_math.target_acceptance(kernel, dim)
-    gain = _smc_math.step_adapt_gain(kernel)
-    expected = [_smc_math.adapt_step_size(h, a, target, gain=gain) for h, a in zip(steps, rates)]
-    np.testing.assert_allclose(steps[1:], expected[:-1], rtol=1e-10)
-
-
 def _assert_log_evidence_within_mcse(estimates: np.ndarray, exact: float) -> None:
     # Error model: REPEATS independent runs give estimates with sample sd s; their
     # mean has MCSE s / sqrt(REPEATS), and (mean - exact) / MCSE is t-distributed
@@ -134,14 +120,10 @@ def test_layout_traces_and_reproducibility() -> None:
     check_layout(post, {"mu": ()}, num_chains=1, num_draws=1000)
     check_finite(post)
     check_arviz(post)
-    temps = post.traces["temperature"]
-    assert temps[0] == 0.0 and temps[-1] == 1.0 and np.all(np.diff(temps) > 0)
-    assert post.attrs["num_stages"] == len(temps) - 1 >= 1
-    for name in ("acceptance_rate", "step_size", "ess", "log_evidence"):
-        assert post.traces[name].shape == temps.shape, name
-    assert post.log_evidence == post.traces["log_evidence"][-1]
+    check_tempered_traces(post)
+    assert post.attrs["num_stages"] >= 1
     assert np.all(post.traces["acceptance_rate"] > 0.1)  # the moves do move
-    _check_step_rule(post, "hmc", 1)
+    check_step_rule(post, "hmc", 1)
     runs = iter([post, _run("normal", 0), _fit("normal", 1)])
     check_reproducible(lambda key: next(runs))
 
@@ -214,7 +196,7 @@ def test_mala_and_random_walk_kernels_and_a_given_schedule(
     # Moves near the kernels' target acceptance (0.574 MALA, 0.44 one-dimensional RW).
     assert np.all((post.traces["acceptance_rate"] > 0.2) & (post.traces["acceptance_rate"] < 0.95))
     assert np.isfinite(post.log_evidence)
-    _check_step_rule(post, kernel, 1)
+    check_step_rule(post, kernel, 1)
 
 
 def test_param_sites_are_refused_with_a_pointer_to_minibatch() -> None:
@@ -225,12 +207,6 @@ def test_param_sites_are_refused_with_a_pointer_to_minibatch() -> None:
 
     with pytest.raises(ValueError, match=r"param sites \['shift'\].*stream='minibatch'"):
         probdyn.fit(model, np.zeros(3), engine=ENGINE, key=0)
-
-
-def test_stage_limit_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_smc_math, "MAX_STAGES", 2)  # the limit both backends read
-    with pytest.raises(RuntimeError, match="after 2 stages"):
-        sample_smc(normal_model, normal_data().args, {}, ENGINE, 0)
 
 
 def bnn_model(x: np.ndarray, y: np.ndarray) -> None:
@@ -288,8 +264,8 @@ def test_particles_per_batch_follows_the_size_of_one_gradient() -> None:
     # gradient temporaries: all of them for a scalar model, one at a time for a 50-unit
     # network on 20 000 rows (its activations alone are 20 000 x 50 x 8 bytes = 8 MB).
     engine = probdyn.SMC(num_particles=256)
-    small = _smc.flat_model(normal_model, normal_data().args, {}, ["mu"], {"y"})
-    assert _smc.particle_batch_size(small, engine) == 0  # 0: BlackJAX's one vmap
+    small = flat_model(normal_model, normal_data().args, {}, ["mu"], {"y"})
+    assert particle_batch_size(small, engine) == 0  # 0: BlackJAX's one vmap
     data = (np.linspace(-1.0, 1.0, 20_000), np.zeros(20_000))
     sites = [
         n
@@ -298,13 +274,13 @@ def test_particles_per_batch_follows_the_size_of_one_gradient() -> None:
         .items()
         if n != "y"
     ]
-    big = _smc.flat_model(wide_bnn_model, data, {}, sites, {"y"})
+    big = flat_model(wide_bnn_model, data, {}, sites, {"y"})
     # On a GPU every particle moves in one vmap, whatever its size.
-    assert _smc.particle_batch_size(big, engine) == (1 if jax.default_backend() == "cpu" else 0)
+    assert particle_batch_size(big, engine) == (1 if jax.default_backend() == "cpu" else 0)
     fixed = probdyn.SMC(num_particles=256, particles_per_batch=16)
-    assert _smc.particle_batch_size(big, fixed) == 16
+    assert particle_batch_size(big, fixed) == 16
     every = probdyn.SMC(num_particles=256, particles_per_batch=300)
-    assert _smc.particle_batch_size(big, every) == 0
+    assert particle_batch_size(big, every) == 0
     with pytest.raises(ValueError, match="particles_per_batch"):
         probdyn.SMC(particles_per_batch=0)
 
@@ -335,21 +311,8 @@ print(json.dumps({
 )
 def test_sharded_particles_match_single_device(tmp_path: Path) -> None:
     # The same fit with the particle axis split over 4 (forced CPU) devices.
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
-    env["JAX_ENABLE_X64"] = "1"
     out = tmp_path / "w.npy"
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SMC, str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_on_four_cpu_devices(_SHARDED_SMC, str(out))
     assert report["device_count"] == 4 and report["num_devices"] == 4
     problem = linear_regression_data()
     engine = probdyn.SMC(num_particles=400, num_mcmc_steps=3, progress_bar=False)
@@ -387,10 +350,10 @@ def test_all_invalid_particles_after_a_stage_raise(
     engine = probdyn.SMC(
         num_particles=50, num_mcmc_steps=2, temperatures=temperatures, progress_bar=False
     )
-    build = _smc._program
+    build = _smc.compiled_program
     counted: list[int] = []
 
-    def claims_all_valid(*args: object, **kwargs: object) -> _smc._Program:
+    def claims_all_valid(*args: object, **kwargs: object) -> _smc_program.Program:
         program = build(*args, **kwargs)  # type: ignore[arg-type]
 
         def count_valid(particles: jax.Array) -> jax.Array:
@@ -401,7 +364,7 @@ def test_all_invalid_particles_after_a_stage_raise(
             init=lambda key: (program.init(key)[0], jnp.asarray(50)), count_valid=count_valid
         )
 
-    monkeypatch.setattr(_smc, "_program", claims_all_valid)
+    monkeypatch.setattr(_smc, "compiled_program", claims_all_valid)
     with pytest.raises(RuntimeError, match=r"\(stage 1\) all 50 particles have a non-finite"):
         sample_smc(never_valid_model, (0.5,), {}, engine, 0)
     assert len(counted) == (1 if temperatures == "adaptive" else 0)
@@ -421,9 +384,9 @@ def test_all_invalid_is_read_off_the_log_likelihood_increment(dtype: type) -> No
     one_poor[7] = -1e6  # a single valid particle, with a very low likelihood
     for delta in (1e-3, 0.5, 1.0):
         d = jnp.asarray(delta, dtype)
-        assert bool(_smc._all_invalid(increment(invalid, delta), d))
-        assert not bool(_smc._all_invalid(increment(one_poor, delta), d))
-        assert not bool(_smc._all_invalid(increment(np.zeros(n), delta), d))
+        assert bool(_smc_program.all_invalid(increment(invalid, delta), d))
+        assert not bool(_smc_program.all_invalid(increment(one_poor, delta), d))
+        assert not bool(_smc_program.all_invalid(increment(np.zeros(n), delta), d))
     # A stage that did not move the temperature (rejuvenation, or stalled) says nothing.
     zero = jnp.asarray(0.0, dtype)
-    assert not bool(_smc._all_invalid(increment(invalid, 0.0), zero))
+    assert not bool(_smc_program.all_invalid(increment(invalid, 0.0), zero))

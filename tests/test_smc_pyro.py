@@ -23,18 +23,21 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
-import torch
+from engine_backends import (
+    check_keys_leave_torch_rng_alone,
+    check_step_rule,
+    check_tempered_traces,
+    models,
+)
 from scipy import stats
 
 import probdyn
-from probdyn.engines import smc_math as _smc_math
 from probdyn.pyro import BayesianMLP
 from probdyn.testing import (
     check_accuracy,
     check_arviz,
     check_finite,
     check_layout,
-    check_reproducible,
     linear_regression_data,
     normal_data,
     reference_model,
@@ -63,18 +66,6 @@ def _runs(problem: str) -> list[probdyn.Posterior]:
     return [_fit(model, data().args, ENGINE, key) for key in range(NUM_RUNS)]
 
 
-def _check_step_rule(post: probdyn.Posterior, kernel: str, dim: int) -> None:
-    """The step sizes follow the rule and constants of probdyn/engines/smc_math.py, which the
-    NumPyro runner uses too: the first from `initial_step_size`, each next one from the
-    previous stage's acceptance rate by `adapt_step_size` with `step_adapt_gain`."""
-    steps, rates = post.traces["step_size"], post.traces["acceptance_rate"]
-    assert steps[0] == pytest.approx(_smc_math.initial_step_size(kernel, dim), rel=1e-12)
-    target = _smc_math.target_acceptance(kernel, dim)
-    gain = _smc_math.step_adapt_gain(kernel)
-    expected = [_smc_math.adapt_step_size(h, a, target, gain=gain) for h, a in zip(steps, rates)]
-    np.testing.assert_allclose(steps[1:], expected[:-1], rtol=1e-10)
-
-
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 def test_log_evidence_matches_the_exact_value(problem: str) -> None:
     exact = PROBLEMS[problem][1]().log_evidence
@@ -98,15 +89,10 @@ def test_layout_traces_and_weights() -> None:
     check_layout(post, {"mu": ()}, num_chains=1, num_draws=n)
     check_finite(post)
     check_arviz(post)
-    temps = post.traces["temperature"]
-    assert temps[0] == 0.0 and temps[-1] == 1.0 and np.all(np.diff(temps) > 0)
-    for name in ("acceptance_rate", "step_size", "ess", "log_evidence"):
-        assert post.traces[name].shape == temps.shape, name
+    check_tempered_traces(post)
     assert np.all((post.traces["acceptance_rate"] > 0) & (post.traces["acceptance_rate"] <= 1))
-    assert post.traces["log_evidence"][-1] == post.log_evidence
-    assert post.attrs["num_stages"] == len(temps) - 1
     np.testing.assert_allclose(post.sample_stats["log_weight"], np.full((1, n), -math.log(n)))
-    _check_step_rule(post, "hmc", 1)
+    check_step_rule(post, "hmc", 1)
 
 
 @pytest.mark.parametrize("kernel", ["mala", "rw"])
@@ -116,7 +102,7 @@ def test_other_kernels_are_accurate(kernel: str) -> None:
     post = _fit(reference_model("normal", "pyro"), data.args, engine)
     check_accuracy(post, "mu", *data.exact)
     assert np.isfinite(post.log_evidence)
-    _check_step_rule(post, kernel, 1)
+    check_step_rule(post, kernel, 1)
 
 
 def test_given_temperatures_are_followed() -> None:
@@ -130,37 +116,15 @@ def test_given_temperatures_are_followed() -> None:
 def test_same_key_same_draws_and_global_rng_untouched() -> None:
     data = normal_data()
     model = reference_model("normal", "pyro")
-    before = torch.get_rng_state()
-    check_reproducible(lambda key: _fit(model, data.args, SHORT, key))
-    post = _fit(model, data.args, SHORT, torch.Generator().manual_seed(5))
-    post.predict(data.args[0], key=1)
-    assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_stage_limit_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_smc_math, "MAX_STAGES", 2)  # the limit both backends read
-    data = normal_data()
-    with pytest.raises(RuntimeError, match="after 2 stages"):
-        _fit(reference_model("normal", "pyro"), data.args, SHORT)
-
-
-def _normal_unbatchable(
-    y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0, noise: float = 1.0
-) -> None:
-    # The normal reference model, but `.item()` cannot run under torch.func.vmap.
-    y = torch.as_tensor(y)
-    mu = pyro.sample("mu", dist.Normal(prior_loc, prior_scale))
-    if not np.isfinite(mu.item()):
-        raise ValueError("mu must be finite")
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(mu, noise), obs=y)
+    fit = lambda key: _fit(model, data.args, SHORT, key)
+    check_keys_leave_torch_rng_alone(fit, data.args[0], generator_seed=5, predict_key=1)
 
 
 def test_loop_fallback_matches_the_batched_run() -> None:
     data = normal_data()
     engine = probdyn.SMC(num_particles=50, kernel="mala", num_mcmc_steps=1, progress_bar=False)
     batched = _fit(reference_model("normal", "pyro"), data.args, engine)
-    looped = _fit(_normal_unbatchable, data.args, engine)
+    looped = _fit(models("pyro").normal_unbatchable, data.args, engine)
     assert batched.attrs["batched"] is True and looped.attrs["batched"] is False
     np.testing.assert_allclose(looped.samples["mu"], batched.samples["mu"], rtol=1e-8)
     assert looped.log_evidence == pytest.approx(batched.log_evidence, rel=1e-8)

@@ -11,11 +11,11 @@ sample mean and a sample sd of i.i.d. Gaussian draws).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from engine_backends import BACKENDS, use_backend
 
 import probdyn
 from probdyn.testing import check_accuracy, check_layout, normal_data, reference_model
@@ -54,16 +54,11 @@ def pyro_guide(y: Any, prior_loc: float = 0.0, prior_scale: float = 2.0, noise: 
 GUIDES = {"numpyro": numpyro_guide, "pyro": pyro_guide}
 
 
-@pytest.fixture(autouse=True)
-def _float64_torch() -> Iterator[None]:
-    torch = pytest.importorskip("torch")
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return use_backend(request, request.param)
 
 
-@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
 def test_custom_guide_fits_the_exact_posterior(backend: str) -> None:
     problem = normal_data()
     model = reference_model("normal", backend)
@@ -86,7 +81,6 @@ def test_custom_guide_fits_the_exact_posterior(backend: str) -> None:
     assert pred["y"].shape == (1, 2000, 20)
 
 
-@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
 def test_a_guide_that_misses_a_latent_site_is_refused(backend: str) -> None:
     problem = normal_data()
 

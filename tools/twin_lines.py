@@ -3,7 +3,9 @@
 For every module that exists under both ``probdyn/numpyro/`` and ``probdyn/pyro/`` at
 the same relative path, the two files' code lines (stripped; blank lines, comments,
 imports and docstring text left out) are aligned with `difflib` and the lines of every
-identical run of at least ``MIN_RUN`` consecutive lines are counted. A run that short
+identical run of at least ``MIN_RUN`` consecutive lines are counted. Function
+signatures and ``__all__`` lists are left out too: the parity tests require them to be
+identical. A run that short
 is noise (``return out``, ``)``); a longer one is logic written twice.
 
 Usage: ``python tools/twin_lines.py`` prints the count per file pair and the total.
@@ -26,6 +28,14 @@ def code_lines(path: Path) -> list[str]:
     doc_lines: set[int] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
+            doc_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+        # Public signatures and export lists must be identical (tests/test_parity.py and
+        # tests/test_np_parity.py compare them): declarations, not logic written twice.
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            doc_lines.update(range(node.lineno, node.body[0].lineno))
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "__all__" for target in node.targets
+        ):
             doc_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr):

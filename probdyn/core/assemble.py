@@ -1,9 +1,11 @@
 """The backend-neutral end of every runner: metadata, warnings, the `Posterior`.
 
-Each backend's ``_build.py`` computes what needs the PPL (deterministic sites,
-pointwise log likelihood, posterior predictive, as NumPy arrays) and hands the rest
-to `assemble_posterior`, so the attributes and the failed-solve report are written
-once for both backends.
+Each backend's ``postprocess.build_posterior`` takes what a runner produced (the
+fields of `RunFields`, written once here), and hands it to `assemble_run` with the
+two things that need the PPL: converting its arrays to NumPy and the forward pass
+(deterministic sites, pointwise log likelihood, posterior predictive). The
+attributes and the failed-solve report are written once for both backends, in
+`assemble_posterior`.
 """
 
 from __future__ import annotations
@@ -11,14 +13,54 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from probdyn.core.engines import AbstractEngine
 from probdyn.core.posterior import Posterior
 
-__all__ = ["assemble_amortized", "assemble_posterior", "package_versions"]
+__all__ = [
+    "RunFields",
+    "assemble_amortized",
+    "assemble_posterior",
+    "assemble_run",
+    "package_versions",
+]
+
+
+class _RunInputs(TypedDict):
+    model: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    engine: AbstractEngine
+    latent: dict[str, Any]
+    params: dict[str, Any]
+    observed: dict[str, np.ndarray]
+    wall_time: float
+
+
+class RunFields(_RunInputs, total=False):
+    """What a runner hands to its backend's ``build_posterior`` (as keywords).
+
+    Attributes:
+        model, args, kwargs: the model and the data it was fitted to.
+        engine: the engine config.
+        latent: draws per latent site, ``(chain, draw, *event)`` (the backend's
+            arrays or tensors).
+        params: fitted ``param`` values shared by every draw.
+        observed: the observed values (NumPy).
+        wall_time: seconds the run took.
+        sample_stats: per-draw statistics, ``(chain, draw)`` (optional).
+        traces: per-step curves of the run (optional).
+        compile_time: seconds spent compiling (optional; 0 where nothing compiles).
+        extra_attrs: the engine's own entries of ``attrs`` (optional).
+    """
+
+    sample_stats: dict[str, Any]
+    traces: dict[str, Any]
+    compile_time: float
+    extra_attrs: dict[str, Any]
 
 
 def package_versions(distributions: Sequence[str]) -> dict[str, str]:
@@ -65,11 +107,14 @@ def assemble_posterior(
     wall_time: float,
     compile_time: float,
     extra_attrs: dict[str, Any] | None = None,
+    stacklevel: int = 4,
 ) -> Posterior:
     """Record the run's metadata, report failed solves, and build the `Posterior`.
 
     ``num_failed_solves`` counts the solves that failed *during the run* (read
     before the post-processing forward pass, whose solves are not proposals).
+    ``stacklevel`` makes the failed-solve warning point at the code that called
+    the runner (4 for a runner that calls this through one helper).
     """
     if num_failed_solves:
         warnings.warn(
@@ -77,7 +122,7 @@ def assemble_posterior(
             "non-finite state); those proposals were rejected. See "
             "posterior.attrs['num_failed_solves'].",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
     attrs = {
         "engine": engine.to_dict(),
@@ -103,6 +148,59 @@ def assemble_posterior(
         model=model,
         model_args=args,
         model_kwargs=kwargs,
+    )
+
+
+def assemble_run(
+    run: RunFields,
+    *,
+    backend: str,
+    seed: Any,
+    versions: dict[str, str],
+    num_failed_solves: int,
+    to_numpy: Callable[[Any], np.ndarray],
+    forward: Callable[
+        [dict[str, np.ndarray], dict[str, np.ndarray]],
+        tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]],
+    ],
+) -> Posterior:
+    """The `Posterior` of a run: its arrays as NumPy, the forward pass, the metadata.
+
+    Args:
+        run: what the runner produced (see `RunFields`).
+        backend: the backend's name, recorded in ``attrs``.
+        seed: a JSON-friendly record of the run's key.
+        versions: the package versions that produced it.
+        num_failed_solves: the solves that failed during the run, read before the
+            forward pass (whose solves are not proposals).
+        to_numpy: the backend's array or tensor -> NumPy.
+        forward: ``(latent, params) -> (deterministic, log likelihood, posterior
+            predictive)`` per draw, all NumPy, the backend's forward pass.
+    """
+    latent = {k: to_numpy(v) for k, v in run["latent"].items()}
+    params = {k: to_numpy(v) for k, v in run["params"].items()}
+    det, loglik, pp = forward(latent, params)
+    return assemble_posterior(
+        backend=backend,
+        model=run["model"],
+        args=run["args"],
+        kwargs=run["kwargs"],
+        engine=run["engine"],
+        seed=seed,
+        versions=versions,
+        latent=latent,
+        deterministic=det,
+        log_likelihood=loglik,
+        posterior_predictive=pp,
+        observed=run["observed"],
+        params=params,
+        sample_stats={k: to_numpy(v) for k, v in run.get("sample_stats", {}).items()},
+        traces={k: to_numpy(v) for k, v in run.get("traces", {}).items()},
+        num_failed_solves=num_failed_solves,
+        wall_time=run["wall_time"],
+        compile_time=run.get("compile_time", 0.0),
+        extra_attrs=run.get("extra_attrs"),
+        stacklevel=5,  # here, build_posterior, the runner, then its caller
     )
 
 

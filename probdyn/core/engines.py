@@ -1,20 +1,28 @@
 """Engine configurations: small frozen dataclasses that say *what* to run.
 
 A config holds no behaviour. The runner that carries it out is looked up in the
-registry by ``(type(config), backend)`` (see ``_registry.py``), so a new engine or a
-new backend is a new config class plus one registered runner function.
+registry by ``(type(config), backend)`` (see `probdyn.core.backends`), so a new engine or
+a new backend is a new config class plus one registered runner function.
 
 Every config validates its fields when it is built and raises an error that names
 the field, the value and the fix. Misspelt keyword arguments are caught too, with a
-suggestion of the closest valid name.
+suggestion of the closest valid name (`probdyn.core.engine_base`: the base class and
+the field checks the configs share).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from typing import Any, ClassVar
+
+from probdyn.core.engine_base import (
+    AbstractEngine,
+    _check_choice,
+    _check_positive_int,
+    _check_positive_number,
+    _check_probability,
+)
 
 __all__ = ["HMC", "NUTS", "SMC", "VI", "AbstractEngine", "Ensemble"]
 
@@ -26,65 +34,8 @@ _SMC_KERNELS = ("hmc", "mala", "rw")
 _SMC_STREAMS = ("tempered", "minibatch")
 
 
-class AbstractEngine:
-    """Base class of every engine config.
-
-    Subclasses are frozen dataclasses. Do not override anything but the abstract
-    hook ``_validate``. Unknown keyword arguments raise a ``TypeError`` that
-    suggests the nearest valid field name.
-    """
-
-    name: ClassVar[str] = "engine"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> AbstractEngine:
-        fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        for key in kwargs:
-            if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise TypeError(
-                    f"{cls.__name__} got an unknown option {key!r}.{hint} "
-                    f"Valid options: {', '.join(fields)}."
-                )
-        return super().__new__(cls)
-
-    def __post_init__(self) -> None:
-        self._validate()
-
-    def _validate(self) -> None:
-        raise NotImplementedError
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-friendly dict (``{"engine": name, **fields}``).
-
-        A ``Posterior`` given as ``init`` is recorded by its description, not its data.
-        """
-        out: dict[str, Any] = {"engine": type(self).__name__}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float, str, bool, type(None))):
-                value = repr(value)
-            out[f.name] = value
-        return out
-
-
-def _check_positive_int(cls: str, field: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{cls}({field}={value!r}): {field} must be {bound} integer.")
-
-
-def _check_choice(cls: str, field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"{cls}({field}={value!r}): unknown {field}; choose one of "
-            f"{', '.join(repr(c) for c in choices)}."
-        )
-
-
 def _check_init(cls: str, value: Any) -> None:
+    """Raise unless ``init`` is a start strategy of an MCMC engine or a ``Posterior``."""
     if isinstance(value, str):
         _check_choice(cls, "init", value, _INIT_STRATEGIES)
         return
@@ -94,11 +45,6 @@ def _check_init(cls: str, value: Any) -> None:
             "probdyn.Posterior "
             "(for example a VI fit, to start the chains from its draws)."
         )
-
-
-def _check_probability(cls: str, field: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{cls}({field}={value!r}): {field} must be a number in (0, 1).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,11 +233,6 @@ class VI(AbstractEngine):
         if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise ValueError(f"{cls}(final_learning_rate_fraction={frac!r}): must be in (0, 1].")
         _check_choice(cls, "init", self.init, _INIT_STRATEGIES)
-
-
-def _check_positive_number(cls: str, field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{cls}({field}={value!r}): {field} must be a positive number.")
 
 
 @dataclasses.dataclass(frozen=True)

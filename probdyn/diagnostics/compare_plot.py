@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from probdyn import calibration
-from probdyn.diagnostics.compare import _Binder, _to_numpy
+from probdyn.diagnostics.compare_args import _Binder, _to_numpy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "RW_VARIANCE",
     "ObservedSite",
     "Stream",
     "batch_orders",
@@ -42,6 +43,10 @@ __all__ = [
     "probe_rows",
     "site_weights",
 ]
+
+RW_VARIANCE = 1e-2
+"""Variance of the default random-walk jitter per step, ``SMC().jitter ** 2``
+(Zhao et al. use 1e-2)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from numpyro.distributions.distribution import Unit
 from numpyro.primitives import Messenger
 
 from probdyn.core.assemble import package_versions
+from probdyn.engines.checks import check_finite_observed
 
 __all__ = ["as_key", "check_observed", "seed_record", "trace_model", "versions"]
 
@@ -63,17 +64,8 @@ def observed_sites(trace: dict[str, Any]) -> dict[str, Any]:
 
 def check_observed(trace: dict[str, Any]) -> dict[str, np.ndarray]:
     """Return the observed values; raise if any contain NaN or inf."""
-    out = {}
-    for name, site in observed_sites(trace).items():
-        value = np.asarray(site["value"])
-        bad = ~np.isfinite(value)
-        if bad.any():
-            raise ValueError(
-                f"observed site {name!r} contains {int(bad.sum())} NaN/inf value(s) (first at "
-                f"index {tuple(int(i) for i in np.argwhere(bad)[0])}). Drop those observations, "
-                "or mask them (numpyro.handlers.mask or sample(..., obs_mask=...))."
-            )
-        out[name] = value
+    out = {name: np.asarray(site["value"]) for name, site in observed_sites(trace).items()}
+    check_finite_observed(out, "numpyro.handlers.mask or sample(..., obs_mask=...)")
     return out
 
 

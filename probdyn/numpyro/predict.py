@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from probdyn.engines.checks import check_known_sites, check_site_names
 from probdyn.numpyro.bridge import ConcreteValueError, as_key, is_factor, uncondition
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ def predict(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
-    key: Any,
+    key: int | jax.Array,
     sites: list[str] | None,
     num_draws: int | None = None,
 ) -> dict[str, np.ndarray]:
@@ -260,15 +261,9 @@ def predict(
     }
     params = {k: jnp.asarray(v) for k, v in post.params.items()}
     if sites is not None:
-        if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
-            raise TypeError(f"predict(sites={sites!r}): give a list of site names.")
+        check_site_names(sites)
         proto = _site_types(model, params, args, kwargs)
-        unknown = [s for s in sites if s not in proto]
-        if unknown:
-            raise ValueError(
-                f"predict(sites={sites!r}): the model has no site(s) {unknown}; "
-                f"available: {sorted(n for n, t in proto.items() if t != 'plate')}."
-            )
+        check_known_sites(sites, proto, sorted(n for n, t in proto.items() if t != "plate"))
 
     body = _Predict(model, frozenset(latent), None if sites is None else tuple(sites))
     out = _map_draws(body, as_key(key), flat, params, args, kwargs, num_draws)

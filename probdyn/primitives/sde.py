@@ -1,9 +1,12 @@
 """Backend-neutral pieces of `NeuralSDE` (NumPy only).
 
-Both backends' `NeuralSDE` read their vocabulary, their argument checks, their
-time grid and their site shapes from here, so that the two cannot drift apart:
-the same options are accepted and refused with the same messages, and the same
-times give the same grid, hence the same sample sites.
+Both backends' `NeuralSDE` inherit their options, their ``repr`` and the stable
+families from `probdyn.primitives.sde_base.NeuralSDEBase`, and read their
+vocabulary, their argument checks, their time grid and their site shapes from here,
+so that the two cannot drift apart: the same options are accepted and refused with
+the same messages, and the same times give the same grid, hence the same sample
+sites. Each backend keeps the solve (diffrax's or torchsde's steps) and the drawing
+of the increments.
 
 Conventions (Itô SDEs, ``dz = f(t, z) dt + g(t, z) dW``):
 
@@ -20,9 +23,6 @@ The time grid: the uniform points ``t0 + k * dt`` below the last time, merged
 with every observation time (so the solver steps exactly onto each of them and
 never interpolates). A uniform point closer than ``1e-9 * dt`` to an
 observation time is dropped in its favour.
-
-The closed forms at the end (geometric Brownian motion, Ornstein–Uhlenbeck) are
-the known answers the tests and benchmarks check the solvers against.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from probdyn.primitives.ode import check_time_axis
 
 __all__ = [
     "BROWNIAN",
@@ -42,10 +44,8 @@ __all__ = [
     "check_sde_args",
     "check_site_shape",
     "check_times",
-    "gbm_solution",
-    "log_log_slope",
+    "key_in_model_error",
     "noise_shape",
-    "ou_mean_cov",
     "positive_error",
     "state_shape_error",
     "time_grid",
@@ -170,22 +170,21 @@ def check_family_options(family: str, options: dict[str, Any]) -> None:
 
 
 def check_times(t: np.ndarray, where: str) -> None:
-    """``times`` must be 1-D, non-empty, finite and strictly increasing."""
-    if t.ndim != 1 or t.size == 0:
-        raise ValueError(
-            f"NeuralSDE: {where} must be a non-empty 1-D array, got shape {t.shape}. The whole "
-            "state shares one time axis: give a batch of paths a leading axis in z0 instead."
-        )
-    if not np.all(np.isfinite(t)):
-        raise ValueError(f"NeuralSDE: {where} contains NaN or inf; remove those time points.")
-    steps = np.diff(t)
-    if np.any(steps <= 0):
-        i = int(np.argmax(steps <= 0))
-        kind = "duplicate" if steps[i] == 0 else "unsorted"
-        raise ValueError(
-            f"NeuralSDE: {where} must be strictly increasing, but it has {kind} times "
-            f"({t[i]} then {t[i + 1]} at index {i}). Sort them and drop duplicates."
-        )
+    """``times`` must be 1-D, non-empty, finite and strictly increasing.
+
+    Args:
+        t: the times, as a NumPy array.
+        where: how the message names them.
+
+    Raises:
+        ValueError: see `probdyn.primitives.ode.check_time_axis`.
+    """
+    check_time_axis(
+        t,
+        where,
+        "NeuralSDE",
+        "The whole state shares one time axis: give a batch of paths a leading axis in z0 instead.",
+    )
 
 
 def time_grid(
@@ -298,74 +297,9 @@ def positive_error(value: Any) -> str:
     )
 
 
-# -- known answers ------------------------------------------------------------------------
-
-
-def gbm_solution(z0: Any, mu: float, sigma: float, t: Any, w: Any) -> np.ndarray:
-    """Geometric Brownian motion ``dZ = mu Z dt + sigma Z dW`` driven by the path ``w``.
-
-    ``Z(t) = z0 exp((mu - sigma**2 / 2) t + sigma W(t))`` (Itô), with ``W(t) = w``
-    (``W(0) = 0``), element by element.
-
-    Example:
-        >>> float(gbm_solution(1.0, 0.5, 0.0, 2.0, 0.0))  # e^(0.5 * 2)
-        2.718281828459045
-    """
-    t, w = np.asarray(t, dtype=np.float64), np.asarray(w, dtype=np.float64)
-    return np.asarray(z0) * np.exp((mu - 0.5 * sigma**2) * t + sigma * w)
-
-
-def ou_mean_cov(
-    times: Any, x0: float, theta: float, mu: float, sigma: float, t0: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the Ornstein–Uhlenbeck process at ``times``.
-
-    ``dX = theta (mu - X) dt + sigma dW`` with ``X(t0) = x0`` is Gaussian, with
-    mean ``mu + (x0 - mu) e^{-theta (t - t0)}`` and covariance
-    ``sigma**2 / (2 theta) (e^{-theta |t - s|} - e^{-theta (t + s - 2 t0)})``.
-
-    Example:
-        >>> m, c = ou_mean_cov([1.0], x0=1.0, theta=1.0, mu=0.0, sigma=1.0)
-        >>> round(float(m[0]), 6), round(float(c[0, 0]), 6)
-        (0.367879, 0.432332)
-    """
-    t = np.asarray(times, dtype=np.float64) - t0
-    mean = mu + (x0 - mu) * np.exp(-theta * t)
-    s, u = t[:, None], t[None, :]
-    cov = sigma**2 / (2 * theta) * (np.exp(-theta * np.abs(s - u)) - np.exp(-theta * (s + u)))
-    return mean, cov
-
-
-def log_log_slope(errors: Any, steps: Any) -> tuple[float, float]:
-    """The least-squares slope of ``log mean(errors)`` against ``log steps``, and its
-    Monte-Carlo standard error.
-
-    The strong error at step ``h`` is estimated by the mean over paths of
-    ``|Z_h(T) - Z(T)|``. The slope is a linear combination ``sum_j w_j log m_j`` of
-    the log means; by the delta method its variance is ``g' C g / n`` with
-    ``g_j = w_j / m_j`` and ``C`` the covariance of one path's errors across the
-    step sizes (the same Brownian path drives every step size, so the errors are
-    strongly correlated, which the covariance accounts for).
-
-    Args:
-        errors: ``(paths, len(steps))`` absolute errors, one column per step size.
-        steps: the step sizes.
-
-    Returns:
-        ``(slope, standard_error)``.
-
-    Example:
-        >>> import numpy as np
-        >>> h = np.array([0.1, 0.05, 0.025])
-        >>> slope, se = log_log_slope(np.outer(np.linspace(1, 2, 50), h), h)
-        >>> round(slope, 6), round(se, 6)
-        (1.0, 0.0)
-    """
-    errors = np.asarray(errors, dtype=np.float64)
-    x = np.log(np.asarray(steps, dtype=np.float64))
-    weights = (x - x.mean()) / np.sum((x - x.mean()) ** 2)
-    means = errors.mean(axis=0)
-    slope = float(np.sum(weights * np.log(means)))
-    grad = weights / means
-    cov = np.cov(errors, rowvar=False) / errors.shape[0]
-    return slope, float(np.sqrt(max(grad @ cov @ grad, 0.0)))
+def key_in_model_error(name: str) -> str:
+    """The message when a key is given for latent increments inside a model."""
+    return (
+        f"NeuralSDE(name={name!r}, brownian='latent'): inside a model the "
+        "increments are the sample site; do not pass key (or use brownian='simulate')."
+    )

@@ -22,6 +22,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from probdyn.core.assemble import package_versions
+from probdyn.engines.checks import check_finite_observed
 
 __all__ = [
     "as_seed",
@@ -203,17 +204,8 @@ def plates_complete(trace: dict[str, Any]) -> bool:
 
 def check_observed(trace: dict[str, Any]) -> dict[str, np.ndarray]:
     """Return the observed values; raise if any contain NaN or inf."""
-    out = {}
-    for name, site in observed_sites(trace).items():
-        value = to_numpy(site["value"])
-        bad = ~np.isfinite(value)
-        if bad.any():
-            raise ValueError(
-                f"observed site {name!r} contains {int(bad.sum())} NaN/inf value(s) (first at "
-                f"index {tuple(int(i) for i in np.argwhere(bad)[0])}). Drop those observations, "
-                "or mask them (pyro.poutine.mask or pyro.sample(..., obs_mask=...))."
-            )
-        out[name] = value
+    out = {name: to_numpy(site["value"]) for name, site in observed_sites(trace).items()}
+    check_finite_observed(out, "pyro.poutine.mask or pyro.sample(..., obs_mask=...)")
     return out
 
 

@@ -2,67 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from probdyn.core.assemble import assemble_posterior
-from probdyn.core.engines import AbstractEngine
+from probdyn.core.assemble import RunFields, assemble_run
 from probdyn.core.posterior import Posterior
 from probdyn.pyro.bridge import sub_seed, to_numpy, versions
 from probdyn.pyro.predict import forward_draws
 from probdyn.pyro.primitives.ode import failed_solves
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
 __all__ = ["build_posterior"]
 
 
-def build_posterior(
-    *,
-    model: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    engine: AbstractEngine,
-    seed: int,
-    latent: dict[str, Any],
-    params: dict[str, Any],
-    observed: dict[str, np.ndarray],
-    sample_stats: dict[str, Any] | None = None,
-    traces: dict[str, Any] | None = None,
-    wall_time: float,
-    compile_time: float = 0.0,
-    extra_attrs: dict[str, Any] | None = None,
-) -> Posterior:
+def build_posterior(*, seed: int, **run: Unpack[RunFields]) -> Posterior:
     """Add deterministic sites, log likelihood and posterior predictive, and metadata.
 
+    ``run`` holds what the runner produced (see `probdyn.core.assemble.RunFields`):
     ``latent`` values are shaped ``(chain, draw, *event)`` (tensors or arrays);
     ``seed`` is the run's integer seed (recorded, so ``key=seed`` reproduces it).
     The failed-solve counter must have been reset by the runner before its run.
     """
-    n_failed = failed_solves()  # read before the forward pass adds its own solves
-    latent_np = {k: to_numpy(v) for k, v in latent.items()}
-    params_np = {k: to_numpy(v) for k, v in params.items()}
-    det, loglik, pp = forward_draws(
-        model, args, kwargs, latent_np, params_np, sub_seed(seed, 1), latent=set(latent_np)
-    )
-    return assemble_posterior(
+
+    def forward(latent: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> Any:
+        model, args, kwargs = run["model"], run["args"], run["kwargs"]
+        return forward_draws(
+            model, args, kwargs, latent, params, sub_seed(seed, 1), latent=set(latent)
+        )
+
+    return assemble_run(
+        run,
         backend="pyro",
-        model=model,
-        args=args,
-        kwargs=kwargs,
-        engine=engine,
         seed=int(seed),
         versions=versions(),
-        latent=latent_np,
-        deterministic=det,
-        log_likelihood=loglik,
-        posterior_predictive=pp,
-        observed=observed,
-        params=params_np,
-        sample_stats={k: to_numpy(v) for k, v in (sample_stats or {}).items()},
-        traces={k: to_numpy(v) for k, v in (traces or {}).items()},
-        num_failed_solves=n_failed,
-        wall_time=wall_time,
-        compile_time=compile_time,
-        extra_attrs=extra_attrs,
+        num_failed_solves=failed_solves(),  # before the forward pass adds its own solves
+        to_numpy=to_numpy,
+        forward=forward,
     )

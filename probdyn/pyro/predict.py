@@ -14,6 +14,7 @@ import numpy as np
 import pyro.poutine as poutine
 import torch
 
+from probdyn.engines.checks import check_known_sites, check_site_names
 from probdyn.pyro.bridge import (
     as_seed,
     is_deterministic,
@@ -105,16 +106,12 @@ def forward_draws(
 def _check_sites(
     sites: Any, model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
-        raise TypeError(f"predict(sites={sites!r}): give a list of site names.")
+    """Raise unless ``sites`` names sample sites (deterministic ones included) of the model."""
+    check_site_names(sites)
     with isolated(0):
         proto = trace_model(uncondition()(model), args, kwargs)
     available = sorted(n for n, s in proto.items() if s["type"] == "sample" and not is_plate(s))
-    unknown = [s for s in sites if s not in available]
-    if unknown:
-        raise ValueError(
-            f"predict(sites={sites!r}): the model has no site(s) {unknown}; available: {available}."
-        )
+    check_known_sites(sites, available, available)
 
 
 def predict(
@@ -122,7 +119,7 @@ def predict(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
-    key: Any,
+    key: int | torch.Generator,
     sites: list[str] | None,
     num_draws: int | None = None,
 ) -> dict[str, np.ndarray]:

@@ -99,6 +99,7 @@ from tqdm.auto import tqdm
 
 from probdyn.core.engines import Ensemble
 from probdyn.core.posterior import Posterior
+from probdyn.engines.checks import check_ensemble_fittable
 from probdyn.engines.ensemble_warnings import warn_non_finite, warn_not_jittered
 from probdyn.numpyro.bridge import as_key, check_observed, is_factor, trace_model
 from probdyn.numpyro.engines.batching import batch_size, map_batched
@@ -383,11 +384,8 @@ def _warn_approximate(trace: dict[str, Any], jittered: list[str]) -> None:
 
 
 def _check_sites(trace: dict[str, Any], problem: _Problem) -> None:
-    if not problem.latent and not problem.params:
-        raise ValueError(
-            "fit(engine=Ensemble(...)): the model has no latent sample sites or params; "
-            "nothing to fit. Add a numpyro.sample site without obs= or a numpyro.param site."
-        )
+    """Raise unless the members have values to optimise, all of them continuous."""
+    check_ensemble_fittable(bool(problem.latent or problem.params), "numpyro")
     for name in problem.latent:
         if trace[name]["fn"].is_discrete:
             raise ValueError(
@@ -402,7 +400,7 @@ def run_ensemble(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: Ensemble,
-    key: Any,
+    key: int | jax.Array,
 ) -> Posterior:
     """Fit ``num_members`` MAP (or anchored, randomised-MAP) members in one program.
 

@@ -44,16 +44,13 @@ from tqdm.auto import tqdm
 from probdyn.core.engines import SMC
 from probdyn.core.posterior import Posterior
 from probdyn.engines import fk_stream as streaming
+from probdyn.engines.fk_stream import RW_VARIANCE
 from probdyn.numpyro.bridge import as_key, check_observed, is_factor, trace_model
 from probdyn.numpyro.engines.timing import CompileTimer
 from probdyn.numpyro.postprocess import build_posterior
 from probdyn.numpyro.primitives.ode import reset_failed_solves
 
 __all__ = ["RW_VARIANCE", "run_fksmc"]
-
-RW_VARIANCE = 1e-2
-"""Variance of the default random-walk jitter per step, ``SMC().jitter ** 2``
-(Zhao et al. use 1e-2)."""
 
 
 class _State(NamedTuple):

@@ -23,6 +23,8 @@ from numpyro.infer.util import (
 
 from probdyn.core.engines import HMC, NUTS
 from probdyn.core.posterior import Posterior
+from probdyn.engines.checks import check_has_latent
+from probdyn.engines.mcmc import init_strategy, posterior_starts, tree_depth
 from probdyn.numpyro.bridge import as_key, check_observed, trace_model
 from probdyn.numpyro.engines.map import map_estimate
 from probdyn.numpyro.engines.timing import CompileTimer
@@ -54,16 +56,9 @@ def _init_from_posterior(
     init: Posterior, latent: list[str], num_chains: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One start per chain from the posterior's draws, spread over them."""
-    missing = [s for s in latent if s not in init.samples]
-    if missing:
-        raise ValueError(
-            f"NUTS(init=Posterior): the initial posterior has no draws of site(s) {missing}; "
-            "it must come from a fit of the same model."
-        )
-    flat = init.draws(flatten=True)
-    idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
-    values = [{s: jnp.asarray(flat[s][i]) for s in latent} for i in idx]
-    return values, {k: jnp.asarray(v) for k, v in init.params.items()}
+    values, params = posterior_starts(init, latent, num_chains)
+    starts = [{s: jnp.asarray(v) for s, v in row.items()} for row in values]
+    return starts, {k: jnp.asarray(v) for k, v in params.items()}
 
 
 def _init_from_map(
@@ -90,7 +85,8 @@ def _init_from_map(
 
 
 def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> Any:
-    strategy = init_to_sample if engine.init == "sample" else init_to_median  # "map": preset
+    """NumPyro's kernel for ``engine`` (a MAP or posterior start is given to ``run``)."""
+    strategy = init_strategy(engine.init, init_to_sample, init_to_median)
     if isinstance(engine, NUTS):
         return NumPyroNUTS(
             model,
@@ -137,7 +133,7 @@ def _sample_stats(extra: dict[str, Any], nuts: bool) -> dict[str, np.ndarray]:
         "step_size": np.asarray(extra["adapt_state.step_size"]),
     }
     if nuts:
-        stats["tree_depth"] = np.floor(np.log2(np.maximum(n_steps, 1))).astype(np.int64) + 1
+        stats["tree_depth"] = tree_depth(n_steps)
     return stats
 
 
@@ -164,7 +160,7 @@ def run_mcmc(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: NUTS | HMC,
-    key: Any,
+    key: int | jax.Array,
 ) -> Posterior:
     """Run NumPyro's NUTS or HMC and return a `Posterior` (chains x draws)."""
     rng = as_key(key)
@@ -172,8 +168,7 @@ def run_mcmc(
     observed = check_observed(trace)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     params = {n: s["value"] for n, s in trace.items() if s["type"] == "param"}
-    if not latent:
-        raise ValueError("fit: the model has no latent sample sites; nothing to infer.")
+    check_has_latent(latent)
     run_model, init_params = model, None
     if not isinstance(engine.init, str) or engine.init == "map":
         if isinstance(engine.init, str):

@@ -33,8 +33,12 @@ and constants of `probdyn.engines.smc_math` that the Pyro runner uses too:
   move when the shared step is off.
 
 The two formulas that run inside the compiled stage, the step update and the
-weighted variance, are re-stated here in jax.numpy; their constants come from
-`probdyn.engines.smc_math`.
+weighted variance, are re-stated in jax.numpy in `probdyn.numpyro.engines.smc_program`;
+their constants come from `probdyn.engines.smc_math`.
+
+The runner is three modules: this one runs the stages and checks them
+(`sample_smc`, `run_smc`); `probdyn.numpyro.engines.smc_program` compiles and caches
+the stage; `probdyn.numpyro.engines.smc_kernels` holds the move kernels.
 
 When the temperature reaches 1, one more stage at temperature 1 resamples and
 moves the particles, so the returned draws are an unweighted sample (uniform
@@ -44,318 +48,40 @@ compiled programs are cached by model, data (by value) and engine settings, so a
 second fit of the same model and data (another key, say) compiles nothing.
 
 On a CPU the particles move in cache-sized batches, not all in one ``jax.vmap``
-(`particle_batch_size`, BlackJAX's ``batch_size``): on networks fitted to thousands
-of rows that is several times faster.
+(`smc_program.particle_batch_size`, BlackJAX's ``batch_size``): on networks fitted to
+thousands of rows that is several times faster.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
-import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.mcmc import random_walk
-from blackjax.mcmc.mala import MALAState
-from blackjax.smc import inner_kernel_tuning, resampling
 from blackjax.smc.inner_kernel_tuning import StateWithParameterOverride
-from blackjax.smc.tempered import TemperedSMCState
 from tqdm.auto import tqdm
 
 from probdyn.core.engines import SMC
 from probdyn.core.posterior import Posterior
 from probdyn.engines import smc_math as _smc_math
+from probdyn.engines.checks import check_has_latent
+from probdyn.engines.smc_traces import BAR_FORMAT, StageTraces, tempered_attrs
 from probdyn.numpyro.bridge import as_key, check_observed, trace_model
-from probdyn.numpyro.engines.batching import batch_size
 from probdyn.numpyro.engines.shard import num_devices_of, shard_leading
+from probdyn.numpyro.engines.smc_program import Program, compiled_program
 from probdyn.numpyro.engines.timing import CompileTimer
-from probdyn.numpyro.logdensity import FlatModel, flat_model, loglik_floor
 from probdyn.numpyro.postprocess import build_posterior
 from probdyn.numpyro.primitives.ode import reset_failed_solves
 
 __all__ = ["SMCResult", "run_smc", "sample_smc"]
 
-_CACHE_SIZE = 8
-_CACHE: collections.OrderedDict[Any, _Program] = collections.OrderedDict()
-
-
-# ----------------------------------------------------------------------------- kernels
-
-
-class _MoveKernel(NamedTuple):
-    """A BlackJAX move kernel and how its preconditioner follows the particle cloud."""
-
-    init: Callable[..., Any]
-    step: Callable[..., Any]
-    preconditioner: str  # name of the per-coordinate parameter
-    from_variance: Callable[[jax.Array], jax.Array]
-
-
-def _hmc_step(
-    rng_key: jax.Array,
-    state: Any,
-    logdensity_fn: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    jitter: jax.Array,
-    inverse_mass_matrix: jax.Array,
-    *,
-    num_integration_steps: int,
-) -> tuple[Any, Any]:
-    """BlackJAX's HMC with a diagonal inverse mass matrix and a jittered step size."""
-    return blackjax.hmc.build_kernel()(
-        rng_key,
-        state,
-        logdensity_fn,
-        step_size * jitter,
-        inverse_mass_matrix,
-        num_integration_steps,
-    )
-
-
-def _mala_step(
-    rng_key: jax.Array,
-    state: MALAState,
-    logdensity_fn: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    jitter: jax.Array,
-    scale: jax.Array,
-) -> tuple[MALAState, Any]:
-    """BlackJAX's MALA in the coordinates ``z = u / scale`` (diagonal preconditioning).
-
-    The map is linear, so its Jacobian is a constant that the Metropolis ratio
-    ignores; the chain on ``z`` mapped back leaves the target of ``u`` invariant.
-    """
-    scaled = MALAState(state.position / scale, state.logdensity, state.logdensity_grad * scale)
-    new, info = blackjax.mala.build_kernel()(
-        rng_key, scaled, lambda z: logdensity_fn(z * scale), step_size * jitter
-    )
-    return MALAState(new.position * scale, new.logdensity, new.logdensity_grad / scale), info
-
-
-def _rw_step(
-    rng_key: jax.Array,
-    state: Any,
-    logdensity_fn: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    jitter: jax.Array,
-    scale: jax.Array,
-) -> tuple[Any, Any]:
-    """BlackJAX's additive random walk, Gaussian steps of sd ``step_size * jitter * scale``."""
-    kernel = blackjax.additive_step_random_walk.build_kernel()
-    step = random_walk.normal(step_size * jitter * scale)
-    return kernel(rng_key, state, logdensity_fn, step)
-
-
-def _move_kernel(engine: SMC) -> _MoveKernel:
-    if engine.kernel == "hmc":
-        step = partial(_hmc_step, num_integration_steps=engine.num_leapfrog_steps)
-        return _MoveKernel(blackjax.hmc.init, step, "inverse_mass_matrix", lambda v: v)
-    if engine.kernel == "mala":
-        return _MoveKernel(blackjax.mala.init, _mala_step, "scale", jnp.sqrt)
-    return _MoveKernel(blackjax.additive_step_random_walk.init, _rw_step, "scale", jnp.sqrt)
-
-
-# ----------------------------------------------------------------------------- program
-
-
-class _Program(NamedTuple):
-    """The compiled pieces of one run, reused across stages and across calls."""
-
-    init: Callable[[jax.Array], Any]
-    step: Callable[..., Any]
-    constrain: Callable[[jax.Array], dict[str, jax.Array]]
-    # Particles -> how many have a finite log likelihood. Called (and so compiled)
-    # only when a stage stalls, to tell "all particles invalid" from a degenerate
-    # temperature step; a stage that advances reads it off its weights instead.
-    count_valid: Callable[[jax.Array], jax.Array]
-    particles_per_batch: int  # particles moved at once (`particle_batch_size`)
-
-
-def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
-    """`_smc_math.weighted_variance` in jax.numpy, from normalised weights."""
-    mean = weights @ particles
-    var = weights @ (particles - mean) ** 2
-    return jnp.maximum(var, _smc_math.MIN_VARIANCE)
-
-
-def _all_invalid(log_increment: jax.Array, delta: jax.Array) -> jax.Array:
-    """Whether every particle reweighted by a stage had a non-finite log likelihood,
-    from the stage's own log-likelihood increment, without evaluating the likelihood
-    again.
-
-    The stage reweights by ``delta * loglik`` with ``loglik = bad`` (`loglik_floor`,
-    ``-finfo.max / 4``) where the likelihood is not finite, and reports
-    ``log_increment = logsumexp(delta * loglik) - log N``. If every particle is
-    invalid that is ``delta * bad``; if one particle has a finite ``ll`` it is at
-    least ``delta * ll - log N``, far above ``delta * bad / 2`` for any ``delta >
-    16 log N / finfo.max`` (1e-306 in float64, 1e-36 in float32). A stage with
-    ``delta = 0`` (the rejuvenation stage, or a stalled one) says nothing.
-    """
-    bad = loglik_floor(log_increment.dtype)
-    return (delta > 0) & (log_increment <= delta * bad / 2)
-
-
-def particle_batch_size(fm: FlatModel, engine: SMC) -> int:
-    """How many particles one vectorised move takes: BlackJAX's ``batch_size`` (0: all).
-
-    ``engine.particles_per_batch`` when given, else `_batching.batch_size` of one
-    particle's gradient (cache-sized batches on a CPU, all particles elsewhere).
-
-    Example:
-        >>> import probdyn
-        >>> from probdyn.numpyro.logdensity import flat_model
-        >>> from probdyn.testing import normal_data, normal_model
-        >>> fm = flat_model(normal_model, normal_data().args, {}, ["mu"], {"y"})
-        >>> particle_batch_size(fm, probdyn.SMC(num_particles=100, particles_per_batch=10))
-        10
-    """
-    grad = jax.grad(lambda u: fm.logprior(u) + fm.loglik(u))
-    example = (jnp.zeros(fm.dim, jnp.result_type(float)),)
-    return batch_size(grad, example, engine.num_particles, engine.particles_per_batch)
-
-
-def _build_program(
-    model: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    latent: list[str],
-    likelihood_sites: set[str],
-    engine: SMC,
-) -> _Program:
-    n = engine.num_particles
-    move = _move_kernel(engine)
-    adaptive = engine.temperatures == "adaptive"
-    fm = flat_model(model, args, kwargs, latent, likelihood_sites)
-    per_batch = particle_batch_size(fm, engine)
-    target = _smc_math.target_acceptance(engine.kernel, fm.dim)
-    gain = _smc_math.step_adapt_gain(engine.kernel)
-    jitter_width = _smc_math.STEP_JITTER
-
-    def parameters(key: jax.Array, step: jax.Array, var: jax.Array) -> dict[str, jax.Array]:
-        jitter = jnp.exp(jax.random.uniform(key, (n,), var.dtype, -jitter_width, jitter_width))
-        return {
-            "step_size": step,
-            "jitter": jitter,
-            move.preconditioner: move.from_variance(var)[None],
-        }
-
-    def tune(
-        old: dict[str, jax.Array], key: jax.Array, state: TemperedSMCState, info: Any
-    ) -> dict[str, jax.Array]:
-        # _smc_math.adapt_step_size, in jax.numpy: a NaN rate (no move) counts as 0.
-        rates = jnp.nan_to_num(info.update_info.acceptance_rate, nan=0.0)
-        step = old["step_size"] * jnp.exp(gain * (jnp.mean(rates) - target))
-        return parameters(key, step, _weighted_variance(state.particles, state.weights))
-
-    def init(key: jax.Array) -> tuple[StateWithParameterOverride, jax.Array]:
-        particles = jax.vmap(fm.prior_draw)(jax.random.split(key, n))
-        weights = jnp.full(n, 1.0 / n, particles.dtype)
-        var = _weighted_variance(particles, weights)
-        first = _smc_math.initial_step_size(engine.kernel, fm.dim)
-        step = jnp.full((1,), first, particles.dtype)
-        params = parameters(jax.random.fold_in(key, 1), step, var)
-        state = TemperedSMCState(particles, weights, jnp.zeros((), particles.dtype))
-        # The one likelihood pass outside the stages: are the prior draws all invalid?
-        # (A stage learns the same from the weights it computes, see _all_invalid.)
-        valid = jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
-        return StateWithParameterOverride(state, params), valid
-
-    def step(
-        key: jax.Array, state: StateWithParameterOverride, temperature: jax.Array
-    ) -> tuple[StateWithParameterOverride, dict[str, jax.Array]]:
-        kernel = inner_kernel_tuning.build_kernel(
-            blackjax.adaptive_tempered_smc if adaptive else blackjax.tempered_smc,
-            fm.logprior,
-            fm.loglik,
-            move.step,
-            move.init,
-            resampling.systematic,
-            partial(tune, state.parameter_override),
-            num_mcmc_steps=engine.num_mcmc_steps,
-            batch_size=per_batch,
-            **({"target_ess": engine.target_ess} if adaptive else {}),
-        )
-        new, info = kernel(key, state, **({} if adaptive else {"tempering_param": temperature}))
-        smc_state = new.sampler_state
-        rates = jnp.nan_to_num(info.update_info.acceptance_rate, nan=0.0)
-        stats = {
-            "temperature": smc_state.tempering_param,
-            "acceptance_rate": jnp.mean(rates),
-            "step_size": state.parameter_override["step_size"][0],
-            "log_increment": info.log_likelihood_increment,
-            "ess": 1.0 / jnp.sum(smc_state.weights**2),
-            "all_invalid": _all_invalid(
-                info.log_likelihood_increment,
-                smc_state.tempering_param - state.sampler_state.tempering_param,
-            ),
-        }
-        return new, stats
-
-    def count_valid(particles: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
-
-    return _Program(
-        jax.jit(init),
-        jax.jit(step),
-        jax.jit(fm.constrain),
-        jax.jit(count_valid),
-        per_batch or engine.num_particles,
-    )
-
-
-def _leaf_key(leaf: Any) -> Any:
-    if isinstance(leaf, (np.ndarray, jax.Array, np.generic)):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        return ("array", a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest())
-    return ("object", type(leaf), leaf)  # the type too: 1 == 1.0 == True
-
-
-def _program(
-    model: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    latent: list[str],
-    likelihood_sites: set[str],
-    engine: SMC,
-) -> _Program:
-    """The compiled program for this model, data (by value) and engine, from a small LRU
-    cache; data arguments are closed over, as NumPyro's own samplers do."""
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    config = (
-        engine.num_particles,
-        engine.kernel,
-        engine.num_mcmc_steps,
-        engine.num_leapfrog_steps,
-        engine.target_ess,
-        engine.temperatures == "adaptive",
-        engine.particles_per_batch,
-        str(jnp.result_type(float)),  # float64 or float32 (jax_enable_x64)
-    )
-    key = (model, treedef, tuple(_leaf_key(x) for x in leaves), config)
-    try:
-        hash(key)
-    except TypeError:  # an argument that cannot be hashed: compile for this call only
-        return _build_program(model, args, kwargs, latent, likelihood_sites, engine)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    program = _build_program(model, args, kwargs, latent, likelihood_sites, engine)
-    _CACHE[key] = program
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return program
-
-
-# ----------------------------------------------------------------------------- runner
-
 
 def _check_model(trace: dict[str, Any]) -> list[str]:
+    """The model's latent sites; raise if tempering cannot fit it."""
     params = [n for n, s in trace.items() if s["type"] == "param"]
     if params:
         raise ValueError(
@@ -365,8 +91,7 @@ def _check_model(trace: dict[str, Any]) -> list[str]:
             "engine (NUTS, VI, Ensemble)."
         )
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
-    if not latent:
-        raise ValueError("fit: the model has no latent sample sites; nothing to infer.")
+    check_has_latent(latent)
     discrete = [n for n in latent if trace[n]["fn"].support.is_discrete]
     if discrete:
         raise ValueError(
@@ -377,8 +102,8 @@ def _check_model(trace: dict[str, Any]) -> list[str]:
 
 
 def _run_stages(
-    program: _Program, engine: SMC, rng: jax.Array
-) -> tuple[StateWithParameterOverride, dict[str, list[float]]]:
+    program: Program, engine: SMC, rng: jax.Array
+) -> tuple[StateWithParameterOverride, StageTraces]:
     """Stages until the temperature reaches 1, then one rejuvenation stage at 1.
 
     Stage ``i`` moves the particles at temperature ``beta_i`` and reweights them to
@@ -396,16 +121,9 @@ def _run_stages(
             "(a failed ODE solve, a NaN in the likelihood) or its priors."
         )
     schedule = None if engine.temperatures == "adaptive" else tuple(engine.temperatures)
-    traces: dict[str, list[float]] = {
-        "temperature": [0.0],
-        "ess": [float(n)],
-        "log_evidence": [0.0],
-        "acceptance_rate": [],
-        "step_size": [],
-    }
+    traces = StageTraces(n)
     step_key = jax.random.fold_in(rng, 3)
-    bar_format = "{desc}: {percentage:3.0f}%|{bar}| temperature {n:.3g}/1 [{elapsed}{postfix}]"
-    with tqdm(total=1.0, desc="SMC", disable=not engine.progress_bar, bar_format=bar_format) as bar:
+    with tqdm(total=1.0, desc="SMC", disable=not engine.progress_bar, bar_format=BAR_FORMAT) as bar:
         stage = 0
         while True:
             beta = 1.0 if schedule is None or stage >= len(schedule) else schedule[stage]
@@ -417,17 +135,14 @@ def _run_stages(
                 shard_leading(state.sampler_state), state.parameter_override
             )
             stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-            traces["acceptance_rate"].append(stats["acceptance_rate"])
-            traces["step_size"].append(stats["step_size"])
-            previous = traces["temperature"][-1]
+            traces.moved(stats["acceptance_rate"], stats["step_size"])
+            previous = traces.temperature
             if previous >= 1.0:  # that was the rejuvenation stage
-                traces["log_evidence"][-1] += stats["log_increment"]
+                traces.add_evidence(stats["log_increment"])
                 break
             count_valid = partial(program.count_valid, state.sampler_state.particles)
             _check_stage(stats, previous, stage, n, engine, count_valid)
-            traces["temperature"].append(stats["temperature"])
-            traces["ess"].append(stats["ess"])
-            traces["log_evidence"].append(traces["log_evidence"][-1] + stats["log_increment"])
+            traces.reweighted(stats["temperature"], stats["ess"], stats["log_increment"])
             stage += 1
             bar.update(stats["temperature"] - previous)
             bar.set_postfix(stage=stage, acceptance=f"{stats['acceptance_rate']:.2f}")
@@ -445,7 +160,7 @@ def _check_stage(
     """Raise if the stage found every particle invalid or the temperature stalled.
 
     A stage that raised the temperature tells from its own weights whether every
-    particle is invalid (`_all_invalid`); a stalled one (the ESS bisection returns 0
+    particle is invalid (`smc_program.all_invalid`); a stalled one (the ESS bisection returns 0
     when all weights are equal, as they are when every particle is invalid) says
     nothing, so then, and only then, ``count_valid`` evaluates the likelihood.
     """
@@ -491,7 +206,7 @@ def sample_smc(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: SMC,
-    key: Any,
+    key: int | jax.Array,
     *,
     trace: dict[str, Any] | None = None,
 ) -> SMCResult:
@@ -513,14 +228,14 @@ def sample_smc(
     trace = trace_model(model, args, kwargs, rng) if trace is None else trace
     latent = _check_model(trace)
     likelihood_sites = {n for n, s in trace.items() if s["type"] == "sample" and s["is_observed"]}
-    program = _program(model, args, kwargs, latent, likelihood_sites, engine)
+    program = compiled_program(model, args, kwargs, latent, likelihood_sites, engine)
     state, traces = _run_stages(program, engine, rng)
     draws = jax.block_until_ready(program.constrain(state.sampler_state.particles))
     return SMCResult(
         draws={k: np.asarray(draws[k]) for k in latent},
         log_weight=np.log(np.asarray(state.sampler_state.weights)),
-        log_evidence=traces["log_evidence"][-1],
-        traces={k: np.asarray(v) for k, v in traces.items()},
+        log_evidence=traces.log_evidence,
+        traces=traces.arrays(),
         num_devices=num_devices_of(state.sampler_state.particles),
         particles_per_batch=program.particles_per_batch,
     )
@@ -531,7 +246,7 @@ def run_smc(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: SMC,
-    key: Any,
+    key: int | jax.Array,
 ) -> Posterior:
     """Tempered SMC for a NumPyro model (``stream="minibatch"`` is `run_fksmc`'s).
 
@@ -559,10 +274,9 @@ def run_smc(
         traces=result.traces,
         wall_time=wall,
         compile_time=timer.seconds,
-        extra_attrs={
-            "log_evidence": result.log_evidence,
-            "num_stages": len(result.traces["temperature"]) - 1,
-            "num_devices": result.num_devices,
-            "particles_per_batch": result.particles_per_batch,
-        },
+        extra_attrs=tempered_attrs(
+            result.traces,
+            num_devices=result.num_devices,
+            particles_per_batch=result.particles_per_batch,
+        ),
     )

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
+from probdyn.engines.checks import check_guide_samples, check_vi_model
+from probdyn.engines.mcmc import init_strategy
 from probdyn.numpyro.bridge import as_key, check_observed, trace_model
 from probdyn.numpyro.engines.map import map_estimate
 from probdyn.numpyro.engines.timing import CompileTimer
@@ -39,9 +41,8 @@ __all__ = ["run_vi"]
 
 
 def _guide(engine: VI, model: Callable[..., Any], start: dict[str, Any] | None) -> Any:
-    init: Any = init_to_sample if engine.init == "sample" else init_to_median
-    if start is not None:
-        init = init_to_value(values=start)
+    """The autoguide ``engine.guide`` names, started at ``start`` if given."""
+    init = init_strategy(engine.init, init_to_sample, init_to_median, start, init_to_value)
     if engine.guide == "normal":
         return AutoNormal(model, init_loc_fn=init)
     if engine.guide == "lowrank":
@@ -66,13 +67,7 @@ def _check_custom_guide(
         return 0
 
     jax.eval_shape(probe)  # shapes and site names only: nothing is compiled or run
-    missing = [n for n in latent if found.get(n) != "sample"]
-    if missing:
-        raise ValueError(
-            f"VI(guide={guide!r}): the guide does not sample the model's latent site(s) "
-            f"{missing}; a custom guide must sample every latent site of the model."
-        )
-    return [n for n, t in found.items() if t == "param"]
+    return check_guide_samples(guide, latent, found)
 
 
 def _custom_draws(
@@ -115,7 +110,11 @@ def _optimise(
 
 
 def run_vi(
-    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: VI,
+    key: int | jax.Array,
 ) -> Posterior:
     """Fit an autoguide (or the user's guide function) by SVI; its draws form one
     chain of ``num_draws`` draws. (A `TaskStream` argument is
@@ -125,18 +124,13 @@ def run_vi(
     observed = check_observed(trace)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     model_params = [n for n, s in trace.items() if s["type"] == "param"]
-    if not latent and not model_params:
-        raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
-    size = sum(int(np.size(trace[n]["value"])) for n in latent)
+    check_vi_model(
+        engine, latent, model_params, sum(int(np.size(trace[n]["value"])) for n in latent)
+    )
     custom = callable(engine.guide)
     guide_params: list[str] = []
     if callable(engine.guide):
         guide_params = _check_custom_guide(engine.guide, latent, args, kwargs, rng)
-    elif engine.guide == "flow" and size < 2:
-        raise ValueError(
-            f"VI(guide='flow') needs at least 2 latent dimensions, but the model has {size}; "
-            "use guide='normal' (exact for a one-dimensional Gaussian posterior)."
-        )
     centre = None
     if engine.init == "map":
         centre, _ = map_estimate(model, args, kwargs, jax.random.fold_in(rng, 2))

@@ -1,11 +1,12 @@
 """Variational inference across a stream of task batches (amortised models) on NumPyro.
 
 `probdyn.fit(model, stream, engine=probdyn.VI(...))` with a `probdyn.data.TaskStream`
-lands here (through `run_vi`). Every step draws a fresh batch of tasks and takes one
-optimiser step on the negative ELBO of that batch, per counted point (the stream's
-``count``). Latent sites are local to each task, so they need an amortised guide
-function; a model whose only non-observed sites are ``param`` sites (a conditional or
-attentive neural process) is fitted by maximum likelihood (an empty guide).
+lands here (the ``"stream"`` variant of the VI runner). Every step draws a fresh
+batch of tasks and takes one optimiser step on the negative ELBO of that batch, per
+counted point (the stream's ``count``). Latent sites are local to each task, so they
+need an amortised guide function; a model whose only non-observed sites are ``param``
+sites (a conditional or attentive neural process) is fitted by maximum likelihood (an
+empty guide).
 
 The ELBO is NumPyro's ``TraceMeanField_ELBO``: the KL between a Gaussian guide site and
 its Gaussian model site is analytic (the NP ELBO of Garnelo et al. 2018b), the likelihood
@@ -34,6 +35,7 @@ from probdyn.core.assemble import assemble_amortized
 from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
 from probdyn.data._tasks import TaskStream, stream_rng
+from probdyn.engines.checks import check_stream_model
 from probdyn.numpyro.bridge import as_key, seed_record, trace_model, versions
 from probdyn.numpyro.engines.timing import CompileTimer
 from probdyn.numpyro.primitives.ode import failed_solves, reset_failed_solves
@@ -118,7 +120,7 @@ def run_vi_stream(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: VI,
-    key: Any,
+    key: int | jax.Array,
 ) -> Posterior:
     """Fit ``model`` (and ``engine.guide``) across the `TaskStream` ``args[0]``; an
     amortised `Posterior`."""
@@ -129,17 +131,7 @@ def run_vi_stream(
     trace = trace_model(model, (), {**first, **kwargs}, rng_key)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     observed = [n for n, s in trace.items() if s["type"] == "sample" and s["is_observed"]]
-    if not observed:
-        raise ValueError(
-            f"fit: with a TaskStream the model needs an observed site (got none for the "
-            f"fields {stream.fields}); pass the targets' field as obs=."
-        )
-    if latent and not callable(engine.guide):
-        raise ValueError(
-            f"VI(guide={engine.guide!r}) with a TaskStream: the latent site(s) {latent} are "
-            "local to each task, so they need an amortised guide function, e.g. "
-            "VI(guide=latent_np_guide)."
-        )
+    check_stream_model(engine, stream.fields, latent, observed)
     guide = engine.guide if callable(engine.guide) else _no_guide
     options = _options_key(kwargs)
     if options is None:

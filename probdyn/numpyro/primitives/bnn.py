@@ -8,8 +8,7 @@ thousands of times inside an ODE solve without touching the PPL again.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import equinox as eqx
@@ -19,16 +18,13 @@ import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 
+from probdyn.primitives.bnn import MLPBackend, bayesian_mlp, prior_resolver
+from probdyn.primitives.bnn import PriorSpec as _PriorSpec
 from probdyn.primitives.init_weights import init_layers as _init_layers
-from probdyn.primitives.validate import check_mlp_args, layer_index
 
 __all__ = ["MLP", "BayesianMLP", "lift"]
 
-PriorSpec: TypeAlias = (
-    dist.Distribution
-    | Mapping[str, dist.Distribution]
-    | Callable[[str, tuple[int, ...]], dist.Distribution]
-)
+PriorSpec: TypeAlias = _PriorSpec[dist.Distribution]
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
@@ -77,44 +73,6 @@ def _path_str(path: Sequence[Any]) -> str:
     return ".".join(parts)
 
 
-def _resolve_prior(prior: PriorSpec, path: str, shape: tuple[int, ...]) -> dist.Distribution:
-    if isinstance(prior, dist.Distribution):
-        d = prior
-    elif isinstance(prior, Mapping):
-        matches = [v for k, v in prior.items() if k == path or fnmatch.fnmatchcase(path, k)]
-        if not matches:
-            raise ValueError(
-                f"prior: no entry of the prior mapping matches parameter {path!r}; add it "
-                f"(keys may be glob patterns such as '*.bias'). Keys given: {list(prior)}."
-            )
-        d = matches[0]
-    else:
-        d = prior(path, shape)
-    if not isinstance(d, dist.Distribution):
-        raise TypeError(
-            f"prior: for parameter {path!r} got {d!r}, which is not a "
-            "numpyro.distributions.Distribution. Give e.g. dist.Normal(0, 1)."
-        )
-    if d.event_shape:
-        if tuple(d.batch_shape + d.event_shape) != shape:
-            raise ValueError(
-                f"prior: the distribution for {path!r} has shape "
-                f"{tuple(d.batch_shape + d.event_shape)}, but the parameter is {shape}."
-            )
-        return d.to_event(len(d.batch_shape))
-    return d.expand(shape).to_event(len(shape))
-
-
-def _check_prior(prior: Any) -> None:
-    if isinstance(prior, (dist.Distribution, Mapping)) or callable(prior):
-        return
-    raise TypeError(
-        f"prior={prior!r} is not a distribution, a mapping from parameter path to "
-        "distribution, or a callable (path, shape) -> distribution. "
-        "Give e.g. prior=dist.Normal(0, 1)."
-    )
-
-
 def lift(
     name: str,
     module: Any,
@@ -149,7 +107,7 @@ def lift(
         >>> sampled.weight.shape
         (1, 2)
     """
-    _check_prior(prior)
+    site_prior = prior_resolver(prior, dist.Distribution, "numpyro")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(module)
     new = []
     for path, leaf in leaves:
@@ -159,7 +117,7 @@ def lift(
         p = _path_str(path)
         shape = tuple(jnp.shape(leaf))
         if bayesian is None or bayesian(p):
-            new.append(numpyro.sample(f"{name}.{p}", _resolve_prior(prior, p, shape)))
+            new.append(numpyro.sample(f"{name}.{p}", site_prior(p, shape)))
         else:
             new.append(numpyro.param(f"{name}.{p}", leaf))
     return jax.tree_util.tree_unflatten(treedef, new)
@@ -168,6 +126,10 @@ def lift(
 def _init_mlp(sizes: Sequence[int], activation: Callable[[Array], Array], seed: int) -> MLP:
     layers = _init_layers(tuple(sizes), seed)
     return MLP(tuple(Linear(jnp.asarray(w), jnp.asarray(b)) for w, b in layers), activation)
+
+
+# What the backend-neutral `bayesian_mlp` recipe needs from this backend.
+_BACKEND = MLPBackend(dist.Distribution, dist.Normal, ACTIVATIONS, _init_mlp, lift)
 
 
 def BayesianMLP(
@@ -210,13 +172,4 @@ def BayesianMLP(
         >>> net(jnp.ones((5, 2))).shape
         (5, 1)
     """
-    act = check_mlp_args(name, sizes, activation, ACTIVATIONS)
-    prior = dist.Normal(0.0, 1.0) if prior is None else prior
-    _check_prior(prior)
-    chosen = layer_index(bayesian_layers, len(sizes) - 1)
-    template = _init_mlp(sizes, act, seed=len(name))
-
-    def is_bayesian(path: str) -> bool:
-        return chosen is None or int(path.split(".")[1]) in chosen
-
-    return lift(name, template, prior, bayesian=is_bayesian)
+    return bayesian_mlp(_BACKEND, name, sizes, activation, prior, bayesian_layers)

@@ -27,7 +27,6 @@ target_times=new_times, sites=["latent.forecast"])``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import equinox as eqx
@@ -43,6 +42,7 @@ from probdyn.numpyro.bridge import as_key
 from probdyn.numpyro.primitives.bnn import ACTIVATIONS, MLP, _init_mlp, lift
 from probdyn.numpyro.primitives.ode import NeuralODE, _concrete
 from probdyn.primitives.init_weights import init_gru as _init_gru
+from probdyn.primitives.latent_ode import LatentODEBase, autonomous_field, nonfinite_value_error
 from probdyn.primitives.series import PaddedSeries, pad_series
 
 __all__ = ["LatentODE", "PaddedSeries", "pad_series"]
@@ -91,7 +91,7 @@ class GRUEncoder(eqx.Module):
 
 
 # -- the model ------------------------------------------------------------------------------
-class LatentODE:
+class LatentODE(LatentODEBase[NeuralODE]):
     """A latent ODE over a batch of irregularly sampled series with missing values.
 
     ``model`` and ``guide`` are a NumPyro model / amortised guide pair taking
@@ -133,78 +133,19 @@ class LatentODE:
         ((4, 3), (4, 5, 2))
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        latent_dim: int = 4,
-        *,
-        field_sizes: Sequence[int] = (20, 20),
-        decoder_sizes: Sequence[int] = (20,),
-        encoder_hidden: int = 25,
-        obs_scale: float = 0.3,
-        solver: str = "tsit5",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        max_steps: int = 4096,
-        adjoint: str = "recursive",
-        dt0: float | None = None,
-        name: str = "latent",
-        seed: int = 0,
-    ) -> None:
-        for field, v in (
-            ("obs_dim", obs_dim),
-            ("latent_dim", latent_dim),
-            ("encoder_hidden", encoder_hidden),
-        ):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"LatentODE({field}={v!r}): must be a positive integer.")
-        if not isinstance(obs_scale, (int, float)) or not obs_scale > 0:
-            raise ValueError(f"LatentODE(obs_scale={obs_scale!r}): must be a positive number.")
-        self.obs_dim, self.latent_dim = obs_dim, latent_dim
-        self.field_sizes = (latent_dim, *field_sizes, latent_dim)
-        self.decoder_sizes = (latent_dim, *decoder_sizes, obs_dim)
-        self.encoder_hidden = encoder_hidden
-        self.obs_scale = float(obs_scale)
-        self.name, self.seed = name, seed
-        self.ode = NeuralODE(
-            _call_field,
-            solver=solver,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            adjoint=adjoint,
-            dt0=dt0,
-            name=f"{name}.ode",
-        )
-        # A second solver object: its failure factor needs its own site name.
-        self.forecast_ode = NeuralODE(
-            _call_field,
-            solver=solver,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            adjoint=adjoint,
-            dt0=dt0,
-            name=f"{name}.forecast_ode",
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"LatentODE(obs_dim={self.obs_dim}, latent_dim={self.latent_dim}, "
-            f"field={list(self.field_sizes)}, decoder={list(self.decoder_sizes)}, "
-            f"encoder_hidden={self.encoder_hidden}, obs_scale={self.obs_scale}, {self.ode!r})"
-        )
+    def _neural_ode(self, name: str, options: dict[str, Any]) -> NeuralODE:
+        return NeuralODE(autonomous_field, name=name, **options)
 
     # -- networks as param sites ----------------------------------------------------------
     def _mlp(self, part: str, sizes: tuple[int, ...], act: str, seed: int) -> MLP:
-        template = _init_mlp(sizes, ACTIVATIONS[act], seed=self.seed * 7919 + seed)
+        template = _init_mlp(sizes, ACTIVATIONS[act], seed=self._weight_seed(seed))
         return lift(f"{self.name}.{part}", template, _WEIGHTS, bayesian=lambda p: False)
 
     def _encoder(self) -> GRUEncoder:
         n_in = 2 * self.obs_dim + 1
-        w, b = _init_gru(n_in, self.encoder_hidden, self.seed * 7919 + 3)
+        w, b = _init_gru(n_in, self.encoder_hidden, self._weight_seed(3))
         head_sizes = (self.encoder_hidden, 2 * self.latent_dim)
-        head = _init_mlp(head_sizes, ACTIVATIONS["identity"], self.seed * 7919 + 4)
+        head = _init_mlp(head_sizes, ACTIVATIONS["identity"], self._weight_seed(4))
         template = GRUEncoder(jnp.asarray(w), jnp.asarray(b), head)
         return lift(f"{self.name}.encoder", template, _WEIGHTS, bayesian=lambda p: False)
 
@@ -213,36 +154,20 @@ class LatentODE:
         self, times: ArrayLike, values: ArrayLike | None, mask: ArrayLike | None, t0: Any
     ) -> tuple[Array, Array | None, Array, Array]:
         times = jnp.asarray(times)
-        if times.ndim != 2:
-            raise ValueError(
-                f"LatentODE: times must be (series, time), got shape {times.shape}; pad "
-                "ragged series with pad_series."
-            )
-        shape = (*times.shape, self.obs_dim)
+        shape = self._observation_shape(tuple(times.shape))
         vals = None if values is None else jnp.asarray(values)
-        if vals is not None and vals.shape != shape:
-            raise ValueError(
-                f"LatentODE: values has shape {vals.shape}, expected {shape} "
-                "(series, time, obs_dim) to match times."
-            )
+        if vals is not None:
+            self._check_values_shape(tuple(vals.shape), shape)
         if mask is None:
             m = jnp.ones(shape, bool) if vals is None else jnp.isfinite(vals)
         else:
             m = jnp.asarray(mask).astype(bool)
-            if m.shape == times.shape:
+            if self._mask_needs_axis(tuple(m.shape), shape):
                 m = m[..., None]
-            if m.ndim != 3 or m.shape[:2] != times.shape or m.shape[2] not in (1, self.obs_dim):
-                raise ValueError(
-                    f"LatentODE: mask has shape {m.shape}; give {times.shape} or {shape}."
-                )
             m = jnp.broadcast_to(m, shape)
         concrete = None if vals is None else _concrete(jnp.where(m, vals, 0.0))
         if concrete is not None and not np.all(np.isfinite(concrete)):
-            b, t, d = (int(i) for i in np.argwhere(~np.isfinite(concrete))[0])
-            raise ValueError(
-                f"LatentODE: values[{b}, {t}, {d}] is not finite but mask marks it observed; "
-                "set mask False there (or leave mask=None to mask every NaN)."
-            )
+            raise nonfinite_value_error(np.argwhere(~np.isfinite(concrete))[0])
         start = jnp.min(times[:, 0]) if t0 is None else jnp.asarray(t0, times.dtype)
         return times, vals, m, start
 
@@ -348,11 +273,3 @@ class LatentODE:
 def _solve(ode: NeuralODE, z0: Array, times: Array, field: MLP, t0: Array) -> Array:
     # 2-D times: one array (B, T, latent_dim), never the ragged list form.
     return cast(Array, ode(z0, times, field, t0=t0))
-
-
-def _call_field(t: Any, z: Any, field: Callable[[Array], Array]) -> Any:
-    # Autonomous field dz/dt = f(z), as in Chen et al.; the MLP arrives as ``args``.
-    return field(z)
-
-
-# -- fitting ----------------------------------------------------------------------------------

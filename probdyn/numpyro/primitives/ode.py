@@ -23,21 +23,33 @@ import numpy as np
 import numpyro
 from jaxtyping import Array, ArrayLike
 
-from probdyn.primitives.validate import check_ode_args
+from probdyn.primitives.ode import (
+    ADAPTIVE,
+    FailureCounter,
+    NeuralODEBase,
+    check_field_shape,
+    check_series_count,
+    check_t0,
+    check_times,
+)
 
 __all__ = ["ADJOINTS", "SOLVERS", "NeuralODE", "failed_solves", "reset_failed_solves"]
 
-# One vocabulary for both backends: name -> (diffrax solver, adaptive?). The torch
-# backend maps the same names onto torchdiffeq's methods.
+# One vocabulary for both backends (probdyn.primitives.ode.ADAPTIVE): name ->
+# (diffrax solver, adaptive?). The torch backend maps the same names onto
+# torchdiffeq's methods.
+_DIFFRAX_SOLVERS: dict[str, type] = {
+    "tsit5": dfx.Tsit5,
+    "dopri5": dfx.Dopri5,
+    "dopri8": dfx.Dopri8,
+    "bosh3": dfx.Bosh3,
+    "kvaerno5": dfx.Kvaerno5,
+    "heun": dfx.Heun,
+    "midpoint": dfx.Midpoint,
+    "euler": dfx.Euler,
+}
 SOLVERS: dict[str, tuple[type, bool]] = {
-    "tsit5": (dfx.Tsit5, True),
-    "dopri5": (dfx.Dopri5, True),
-    "dopri8": (dfx.Dopri8, True),
-    "bosh3": (dfx.Bosh3, True),
-    "kvaerno5": (dfx.Kvaerno5, True),
-    "heun": (dfx.Heun, False),
-    "midpoint": (dfx.Midpoint, False),
-    "euler": (dfx.Euler, False),
+    name: (_DIFFRAX_SOLVERS[name], adaptive) for name, adaptive in ADAPTIVE.items()
 }
 ADJOINTS: dict[str, Callable[[], Any]] = {
     "recursive": dfx.RecursiveCheckpointAdjoint,
@@ -45,21 +57,21 @@ ADJOINTS: dict[str, Callable[[], Any]] = {
     "forward": dfx.ForwardMode,
 }
 
-_FAILURES = [0]
+# The NumPyro backend's failed solves (NeuralODE's and NeuralSDE's); the Pyro
+# backend has its own counter. Solves add to it from a host callback,
+# jax.debug.callback(_count_failures, failed).
+_FAILURES = FailureCounter()
+_count_failures = _FAILURES.add
 
 
 def failed_solves() -> int:
     """Number of failed solves seen since the last `reset_failed_solves` (this process)."""
-    return _FAILURES[0]
+    return _FAILURES.count
 
 
 def reset_failed_solves() -> None:
     """Set the failed-solve counter to zero (engines do this at the start of a run)."""
-    _FAILURES[0] = 0
-
-
-def _count_failures(failed: Any) -> None:
-    _FAILURES[0] += int(np.sum(np.asarray(failed)))
+    _FAILURES.reset()
 
 
 class _JaxprKey:
@@ -123,24 +135,13 @@ def _concrete(x: Any) -> np.ndarray | None:
 
 
 def _check_times(times: Any, where: str) -> None:
+    """Check concrete times (`check_times`); traced times are not checked."""
     t = _concrete(times)
-    if t is None:
-        return
-    if t.ndim != 1 or t.size == 0:
-        raise ValueError(f"NeuralODE: {where} must be a non-empty 1-D array, got shape {t.shape}.")
-    if not np.all(np.isfinite(t)):
-        raise ValueError(f"NeuralODE: {where} contains NaN or inf; remove those time points.")
-    steps = np.diff(t)
-    if np.any(steps <= 0):
-        i = int(np.argmax(steps <= 0))
-        kind = "duplicate" if steps[i] == 0 else "unsorted"
-        raise ValueError(
-            f"NeuralODE: {where} must be strictly increasing, but it has {kind} times "
-            f"({t[i]} then {t[i + 1]} at index {i}). Sort them and drop duplicates."
-        )
+    if t is not None:
+        check_times(t, where)
 
 
-class NeuralODE:
+class NeuralODE(NeuralODEBase):
     """Solve ``dz/dt = vector_field(t, z, args)`` with diffrax.
 
     Args:
@@ -179,43 +180,8 @@ class NeuralODE:
         (5, 2)
     """
 
-    def __init__(
-        self,
-        vector_field: Callable[[Any, Any, Any], Any],
-        *,
-        solver: str = "tsit5",
-        rtol: float = 1e-6,
-        atol: float = 1e-6,
-        max_steps: int = 4096,
-        adjoint: str = "recursive",
-        dt0: float | None = None,
-        name: str = "ode",
-    ) -> None:
-        check_ode_args(
-            vector_field,
-            solver,
-            adjoint,
-            SOLVERS,
-            ADJOINTS,
-            adaptive=solver in SOLVERS and SOLVERS[solver][1],
-            dt0=dt0,
-            max_steps=max_steps,
-            rtol=rtol,
-            atol=atol,
-        )
-        self.vector_field = vector_field
-        self.solver = solver
-        self.rtol, self.atol = rtol, atol
-        self.max_steps = max_steps
-        self.adjoint = adjoint
-        self.dt0 = dt0
-        self.name = name
-
-    def __repr__(self) -> str:
-        return (
-            f"NeuralODE(solver={self.solver!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"max_steps={self.max_steps}, adjoint={self.adjoint!r})"
-        )
+    _solvers = SOLVERS
+    _adjoints = ADJOINTS
 
     # -- one series ---------------------------------------------------------------
     def _solve_one(self, z0: Array, times: Array, t0: Array, args: Any) -> tuple[Array, Array]:
@@ -249,13 +215,7 @@ class NeuralODE:
             out = jax.eval_shape(self.vector_field, t0, z0, args)
         except Exception:  # the field may need a model context; the solve will tell
             return
-        out_shape = getattr(out, "shape", None)
-        if out_shape is not None and tuple(out_shape) != tuple(jnp.shape(z0)):
-            raise ValueError(
-                f"NeuralODE: the vector field returns shape {tuple(out_shape)} for a state of "
-                f"shape {tuple(jnp.shape(z0))} (z0). They must match: check the network's "
-                "output size or z0's shape."
-            )
+        check_field_shape(getattr(out, "shape", None), tuple(jnp.shape(z0)))
 
     def _report(self, failed: Array) -> None:
         any_failed = jnp.any(failed)
@@ -295,15 +255,11 @@ class NeuralODE:
 
     def _check_t0(self, t0: Any, first: Any) -> None:
         a, b = _concrete(t0), _concrete(first)
-        if a is not None and b is not None and np.any(a > b):
-            raise ValueError(f"NeuralODE: t0={a} is after the first observation time {b}.")
+        if a is not None and b is not None:
+            check_t0(a, b)
 
     def _batched(self, z0: Array, times: Array, args: Any, t0: Any) -> Array:
-        if z0.shape[:1] != times.shape[:1]:
-            raise ValueError(
-                f"NeuralODE: times has {times.shape[0]} series (rows) but z0 has leading "
-                f"dimension {z0.shape[:1]}; give one initial state per series."
-            )
+        check_series_count(times.shape[0], z0.shape)
         t0s = times[:, 0] if t0 is None else jnp.broadcast_to(jnp.asarray(t0), times.shape[:1])
         self._check_t0(t0s, times[:, 0])
         self._check_shapes(z0[0], t0s[0], args)

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from probdyn.core.engines import Ensemble
 from probdyn.core.posterior import Posterior
+from probdyn.engines.checks import check_ensemble_fittable
 from probdyn.engines.ensemble_warnings import warn_non_finite, warn_not_jittered
 from probdyn.pyro.bridge import (
     as_seed,
@@ -251,7 +252,7 @@ def run_ensemble(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: Ensemble,
-    key: Any,
+    key: int | torch.Generator,
 ) -> Posterior:
     """Fit ``engine.num_members`` MAP estimates; they are the draws of one chain.
 
@@ -273,11 +274,7 @@ def run_ensemble(
         trace = trace_model(model, targs, tkwargs)
         observed = check_observed(trace)
         flat_model = FlatModel(model, targs, tkwargs, trace, include_params=True)
-        if flat_model.dim == 0:
-            raise ValueError(
-                "fit(engine=Ensemble(...)): the model has no latent sample sites or params; "
-                "nothing to fit. Add a pyro.sample site without obs= or a pyro.param site."
-            )
+        check_ensemble_fittable(flat_model.dim > 0, "pyro")
         if engine.anchored:
             _warn_unjittered(trace)
         dtype = trace[flat_model.blocks[0].name]["value"].dtype

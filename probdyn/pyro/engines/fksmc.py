@@ -33,6 +33,7 @@ from probdyn.core.engines import SMC
 from probdyn.core.posterior import Posterior
 from probdyn.engines import fk_stream as streaming
 from probdyn.engines import smc_math as _smc_math
+from probdyn.engines.fk_stream import RW_VARIANCE
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -50,7 +51,7 @@ from probdyn.pyro.logdensity import FlatModel, quiet_validation, site_log_prob
 from probdyn.pyro.postprocess import build_posterior
 from probdyn.pyro.primitives.ode import reset_failed_solves
 
-__all__ = ["run_fksmc"]
+__all__ = ["RW_VARIANCE", "run_fksmc"]
 
 
 def _observed(trace: dict[str, Any]) -> dict[str, streaming.ObservedSite]:

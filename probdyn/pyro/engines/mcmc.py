@@ -37,6 +37,8 @@ from torch.distributions import biject_to
 
 from probdyn.core.engines import HMC, NUTS
 from probdyn.core.posterior import Posterior
+from probdyn.engines.checks import check_has_latent
+from probdyn.engines.mcmc import init_strategy, posterior_starts, tree_depth
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -124,7 +126,9 @@ class _HMC(_Recorded, PyroHMC):
 
 
 def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> _NUTS | _HMC:
-    strategy = init_to_sample if engine.init == "sample" else init_to_median  # else: preset
+    """Pyro's kernel for ``engine``, recording each draw's statistics (a MAP or
+    posterior start is given to ``MCMC`` as ``initial_params``)."""
+    strategy = init_strategy(engine.init, init_to_sample, init_to_median)
     common = {
         "target_accept_prob": engine.target_accept,
         "full_mass": engine.dense_mass,
@@ -155,17 +159,11 @@ def _unconstrain(trace: dict[str, Any], values: dict[str, Any]) -> dict[str, tor
 def _starts_from_posterior(
     init: Posterior, trace: dict[str, Any], latent: list[str], num_chains: int
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """One start per chain from the posterior's draws, spread over them."""
-    missing = [s for s in latent if s not in init.samples]
-    if missing:
-        raise ValueError(
-            f"NUTS(init=Posterior): the initial posterior has no draws of site(s) {missing}; "
-            "it must come from a fit of the same model."
-        )
-    flat = init.draws(flatten=True)
-    idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
-    starts = [_unconstrain(trace, {s: flat[s][i] for s in latent}) for i in idx]
-    return starts, {k: torch.as_tensor(v) for k, v in init.params.items()}
+    """One start per chain from the posterior's draws, spread over them, in the
+    kernel's unconstrained space."""
+    values, params = posterior_starts(init, latent, num_chains)
+    starts = [_unconstrain(trace, row) for row in values]
+    return starts, {k: torch.as_tensor(v) for k, v in params.items()}
 
 
 def _starts_from_map(
@@ -221,8 +219,7 @@ def _sample_stats(per_chain: list[list[dict[str, Any]]], nuts: bool) -> dict[str
         for name in per_chain[0][0]
     }
     if nuts:
-        n_steps = stats["n_steps"]
-        stats["tree_depth"] = np.floor(np.log2(np.maximum(n_steps, 1))).astype(np.int64) + 1
+        stats["tree_depth"] = tree_depth(stats["n_steps"])
     return stats
 
 
@@ -231,7 +228,7 @@ def run_mcmc(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: NUTS | HMC,
-    key: Any,
+    key: int | torch.Generator,
 ) -> Posterior:
     """Run Pyro's NUTS or HMC and return a `Posterior` (chains x draws).
 
@@ -256,8 +253,7 @@ def run_mcmc(
         observed = check_observed(trace)
         latent = latent_sites(trace)
         params = param_sites(trace)
-        if not latent:
-            raise ValueError("fit: the model has no latent sample sites; nothing to infer.")
+        check_has_latent(latent)
         starts: list[dict[str, torch.Tensor]] | None = None
         run_model = model
         if not isinstance(engine.init, str) or engine.init == "map":

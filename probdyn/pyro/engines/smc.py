@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from probdyn.core.engines import SMC
 from probdyn.core.posterior import Posterior
 from probdyn.engines import smc_math as _smc_math
+from probdyn.engines.smc_traces import BAR_FORMAT, StageTraces, tempered_attrs
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -230,43 +231,36 @@ def _temper(
     gain = _smc_math.step_adapt_gain(engine.kernel)
     step_size = _smc_math.initial_step_size(engine.kernel, u.shape[1])
     beta, log_w, cloud = 0.0, np.zeros(n), mover.at(u, 0.0)
-    traces: dict[str, list[float]] = {
-        "temperature": [0.0],
-        "ess": [float(n)],
-        "log_evidence": [0.0],
-        "acceptance_rate": [],
-        "step_size": [],
-    }
-    bar_format = "{desc}: {percentage:3.0f}%|{bar}| temperature {n:.3g}/1 [{elapsed}{postfix}]"
-    with tqdm(total=1.0, desc="SMC", disable=not engine.progress_bar, bar_format=bar_format) as bar:
+    traces = StageTraces(n)
+    with tqdm(total=1.0, desc="SMC", disable=not engine.progress_bar, bar_format=BAR_FORMAT) as bar:
         for stage in itertools.count():
             # The preconditioner comes from the weighted cloud, before resampling.
             variance = _smc_math.weighted_variance(cloud.u.numpy(), log_w)
             idx = torch.as_tensor(_smc_math.systematic_resample(log_w, rng))
             cloud = mover.at(cloud.u[idx], beta)  # the gradient depends on beta
             cloud, rate = _move(mover, cloud, beta, step_size, variance)
-            traces["acceptance_rate"].append(rate)
-            traces["step_size"].append(step_size)
+            traces.moved(rate, step_size)
             step_size = _smc_math.adapt_step_size(step_size, rate, target, gain=gain)
             if beta >= 1.0:
                 break
             lik = cloud.lik.numpy()
             new_beta = schedule.next(lik, beta, stage)
             incremental = np.where(np.isfinite(lik), (new_beta - beta) * lik, -np.inf)
-            log_z = traces["log_evidence"][-1]
-            log_z += _smc_math.log_evidence_increment(np.zeros(n), incremental)
+            log_increment = _smc_math.log_evidence_increment(np.zeros(n), incremental)
             log_w = _smc_math.normalize_log_weights(incremental)
-            traces["temperature"].append(new_beta)
-            traces["ess"].append(_smc_math.ess(log_w))
-            traces["log_evidence"].append(log_z)
+            traces.reweighted(new_beta, _smc_math.ess(log_w), log_increment)
             bar.update(new_beta - beta)
             bar.set_postfix(stage=stage + 1, acceptance=f"{rate:.2f}")
             beta = new_beta
-    return cloud.u, {k: np.asarray(v) for k, v in traces.items()}
+    return cloud.u, traces.arrays()
 
 
 def run_smc(
-    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: SMC, key: Any
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: SMC,
+    key: int | torch.Generator,
 ) -> Posterior:
     """Likelihood-tempered SMC; the particles are the draws of one chain.
 
@@ -319,9 +313,5 @@ def run_smc(
         sample_stats={"log_weight": np.full((1, n), -math.log(n))},
         traces=traces,
         wall_time=wall,
-        extra_attrs={
-            "log_evidence": float(traces["log_evidence"][-1]),
-            "num_stages": len(traces["temperature"]) - 1,
-            "batched": flat_model.batched,
-        },
+        extra_attrs=tempered_attrs(traces, batched=flat_model.batched),
     )

@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
+from probdyn.engines.checks import check_guide_samples, check_vi_model
+from probdyn.engines.mcmc import init_strategy
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -57,14 +59,13 @@ __all__ = ["run_vi"]
 
 
 def _guide(engine: VI, model: Callable[..., Any], start: dict[str, Any] | None) -> Any:
-    init: Any = init_to_sample if engine.init == "sample" else init_to_median
-    if start is not None:
-        init = init_to_value(values=start)
+    """The autoguide ``engine.guide`` names, started at ``start`` if given."""
+    if engine.guide == "flow":
+        return AutoIAFNormal(model, num_transforms=2)  # Pyro's flow guide takes no init
+    init = init_strategy(engine.init, init_to_sample, init_to_median, start, init_to_value)
     if engine.guide == "normal":
         return AutoNormal(model, init_loc_fn=init)
-    if engine.guide == "lowrank":
-        return AutoLowRankMultivariateNormal(model, init_loc_fn=init, rank=engine.rank)
-    return AutoIAFNormal(model, num_transforms=2)
+    return AutoLowRankMultivariateNormal(model, init_loc_fn=init, rank=engine.rank)
 
 
 def _elbo(
@@ -103,13 +104,7 @@ def _check_custom_guide(
     Runs the guide once (which also creates its params in the run's private store).
     """
     found = trace_model(guide, args, kwargs)
-    missing = [n for n in latent if n not in found or found[n]["type"] != "sample"]
-    if missing:
-        raise ValueError(
-            f"VI(guide={guide!r}): the guide does not sample the model's latent site(s) "
-            f"{missing}; a custom guide must sample every latent site of the model."
-        )
-    return [n for n, site in found.items() if site["type"] == "param"]
+    return check_guide_samples(guide, latent, {n: site["type"] for n, site in found.items()})
 
 
 def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]) -> np.ndarray:
@@ -125,7 +120,11 @@ def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def run_vi(
-    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], engine: VI, key: Any
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: VI,
+    key: int | torch.Generator,
 ) -> Posterior:
     """Fit an autoguide (or the user's guide function) by SVI; its draws form one
     chain of ``num_draws`` draws. (A `TaskStream` argument is
@@ -140,17 +139,10 @@ def run_vi(
         observed = check_observed(trace)
         latent = latent_sites(trace)
         model_params = list(param_sites(trace))
-        if not latent and not model_params:
-            raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
-        size = sum(int(trace[n]["value"].numel()) for n in latent)
+        check_vi_model(engine, latent, model_params, sum(trace[n]["value"].numel() for n in latent))
         guide_params: list[str] = []
         if callable(engine.guide):
             guide_params = _check_custom_guide(engine.guide, latent, targs, tkwargs)
-        elif engine.guide == "flow" and size < 2:
-            raise ValueError(
-                f"VI(guide='flow') needs at least 2 latent dimensions, but the model has {size}; "
-                "use guide='normal' (exact for a one-dimensional Gaussian posterior)."
-            )
         centre = None
         if engine.init == "map":
             centre, _ = map_estimate(model, targs, tkwargs, sub_seed(seed, 2))

@@ -1,7 +1,8 @@
 """Variational inference across a stream of task batches (amortised models) on Pyro.
 
-The twin of `probdyn.numpyro.engines.vi_stream`: `probdyn.fit(model, stream, engine=probdyn.VI(...))`
-with a `probdyn.data.TaskStream` lands here (through `run_vi`). Every step draws a fresh
+The twin of `probdyn.numpyro.engines.vi_stream`: `probdyn.fit(model, stream,
+engine=probdyn.VI(...))` with a `probdyn.data.TaskStream` lands here (through the
+``"stream"`` variant of the VI runner). Every step draws a fresh
 batch of tasks and takes one optimiser step on the negative ELBO of that batch, per counted
 point (the stream's ``count``): model and guide run under ``poutine.scale(1 / points)``.
 Latent sites are local to each task, so they need an amortised guide function; a model whose
@@ -38,6 +39,7 @@ from probdyn.core.assemble import assemble_amortized
 from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
 from probdyn.data._tasks import TaskStream, stream_rng
+from probdyn.engines.checks import check_fittable, check_guide_samples, check_stream_model
 from probdyn.pyro.bridge import (
     as_seed,
     isolated,
@@ -71,12 +73,7 @@ def _batch(stream: TaskStream, rng: np.random.Generator) -> tuple[dict[str, Any]
 def _check_guide(guide: Callable[..., Any], latent: list[str], kwargs: dict[str, Any]) -> None:
     """Raise if the guide does not sample every latent site of the model."""
     found = trace_model(guide, (), kwargs)
-    missing = [n for n in latent if n not in found or found[n]["type"] != "sample"]
-    if missing:
-        raise ValueError(
-            f"VI(guide={guide!r}): the guide does not sample the model's latent site(s) "
-            f"{missing}; a guide must sample every latent site of the model."
-        )
+    check_guide_samples(guide, latent, {n: s["type"] for n, s in found.items()}, who="a guide")
 
 
 def _step(
@@ -105,7 +102,7 @@ def run_vi_stream(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     engine: VI,
-    key: Any,
+    key: int | torch.Generator,
 ) -> Posterior:
     """Fit ``model`` (and ``engine.guide``) across the `TaskStream` ``args[0]``; an
     amortised `Posterior`."""
@@ -121,19 +118,8 @@ def run_vi_stream(
             trace = trace_model(model, (), {**first, **options})
         latent = latent_sites(trace)
         observed = list(observed_sites(trace))
-        if not observed:
-            raise ValueError(
-                f"fit: with a TaskStream the model needs an observed site (got none for the "
-                f"fields {stream.fields}); pass the targets' field as obs=."
-            )
-        if latent and not callable(engine.guide):
-            raise ValueError(
-                f"VI(guide={engine.guide!r}) with a TaskStream: the latent site(s) {latent} are "
-                "local to each task, so they need an amortised guide function, e.g. "
-                "VI(guide=latent_np_guide)."
-            )
-        if not latent and not any(s["type"] == "param" for s in trace.values()):
-            raise ValueError("fit: the model has no latent sample sites or params; nothing to fit.")
+        check_stream_model(engine, stream.fields, latent, observed)
+        check_fittable(latent, [n for n, s in trace.items() if s["type"] == "param"])
         guide = engine.guide if callable(engine.guide) else _no_guide
         # The params start from the first batch, the guide's first (a name shared by model
         # and guide keeps the guide's initial value, as NumPyro's SVI.init does).

@@ -18,10 +18,9 @@ the sites are declared once per model run and the network gets plain tensors.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import pyro
 import pyro.distributions as dist
@@ -30,15 +29,12 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor
 
-from probdyn.primitives.validate import check_mlp_args, layer_index
+from probdyn.primitives.bnn import MLPBackend, bayesian_mlp, mlp_paths, prior_resolver
+from probdyn.primitives.bnn import PriorSpec as _PriorSpec
 
 __all__ = ["MLP", "BayesianMLP", "lift"]
 
-PriorSpec: TypeAlias = (
-    dist.Distribution
-    | Mapping[str, dist.Distribution]
-    | Callable[[str, tuple[int, ...]], dist.Distribution]
-)
+PriorSpec: TypeAlias = _PriorSpec[dist.Distribution]
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -103,54 +99,10 @@ class MLP:
         return self.layers[-1](x)
 
 
-def _resolve_prior(prior: PriorSpec, path: str, shape: tuple[int, ...]) -> dist.TorchDistribution:
-    d: Any
-    if isinstance(prior, dist.Distribution):
-        d = prior
-    elif isinstance(prior, Mapping):
-        matches = [v for k, v in prior.items() if k == path or fnmatch.fnmatchcase(path, k)]
-        if not matches:
-            raise ValueError(
-                f"prior: no entry of the prior mapping matches parameter {path!r}; add it "
-                f"(keys may be glob patterns such as '*.bias'). Keys given: {list(prior)}."
-            )
-        d = matches[0]
-    else:
-        d = prior(path, shape)
-    if not isinstance(d, dist.Distribution):
-        raise TypeError(
-            f"prior: for parameter {path!r} got {d!r}, which is not a "
-            "pyro.distributions.Distribution. Give e.g. dist.Normal(0, 1)."
-        )
-    d = cast(dist.TorchDistribution, d)  # every concrete Pyro distribution is one
-    batch_shape, event_shape = tuple(d.batch_shape), tuple(d.event_shape)
-    if event_shape:
-        if batch_shape + event_shape != shape:
-            raise ValueError(
-                f"prior: the distribution for {path!r} has shape "
-                f"{batch_shape + event_shape}, but the parameter is {shape}."
-            )
-        return d.to_event(len(batch_shape))
-    return d.expand(shape).to_event(len(shape))
-
-
-def _check_prior(prior: Any) -> None:
-    if isinstance(prior, (dist.Distribution, Mapping)) or callable(prior):
-        return
-    raise TypeError(
-        f"prior={prior!r} is not a distribution, a mapping from parameter path to "
-        "distribution, or a callable (path, shape) -> distribution. "
-        "Give e.g. prior=dist.Normal(0, 1)."
-    )
-
-
 def _named_tensors(module: Any) -> list[tuple[str, Tensor]]:
     if isinstance(module, MLP):
-        return [
-            (f"layers.{i}.{field}", getattr(layer, field))
-            for i, layer in enumerate(module.layers)
-            for field in ("weight", "bias")
-        ]
+        tensors = [t for layer in module.layers for t in (layer.weight, layer.bias)]
+        return list(zip(mlp_paths(len(module.layers)), tensors))
     if isinstance(module, PyroModule):
         raise TypeError(
             f"lift(module={type(module).__name__}): a PyroModule declares its own sites. "
@@ -168,10 +120,8 @@ def _named_tensors(module: Any) -> list[tuple[str, Tensor]]:
 
 def _rebuild(module: Any, values: dict[str, Tensor]) -> Any:
     if isinstance(module, MLP):
-        layers = tuple(
-            Linear(values[f"layers.{i}.weight"], values[f"layers.{i}.bias"])
-            for i in range(len(module.layers))
-        )
+        tensors = [values[p] for p in mlp_paths(len(module.layers))]
+        layers = tuple(Linear(w, b) for w, b in zip(tensors[::2], tensors[1::2]))
         return MLP(layers, module.activation)
     if isinstance(module, torch.nn.Module):
         return _with_tensors(module, values)
@@ -234,12 +184,12 @@ def lift(
         >>> sampled.weight.shape
         torch.Size([1, 2])
     """
-    _check_prior(prior)
+    site_prior = prior_resolver(prior, dist.Distribution, "pyro")
     values = {}
     for p, leaf in _named_tensors(module):
         shape = tuple(leaf.shape)
         if bayesian is None or bayesian(p):
-            values[p] = pyro.sample(f"{name}.{p}", _resolve_prior(prior, p, shape))
+            values[p] = pyro.sample(f"{name}.{p}", site_prior(p, shape))
         else:
             values[p] = pyro.param(f"{name}.{p}", leaf.detach().clone())
     return _rebuild(module, values)
@@ -255,6 +205,10 @@ def _init_mlp(sizes: Sequence[int], activation: Callable[[Tensor], Tensor], seed
         w = torch.randn(n_in, n_out, generator=gen, dtype=dtype) / n_in**0.5
         layers.append(Linear(w, torch.zeros(n_out, dtype=dtype)))
     return MLP(tuple(layers), activation)
+
+
+# What the backend-neutral `bayesian_mlp` recipe needs from this backend.
+_BACKEND = MLPBackend(dist.Distribution, dist.Normal, ACTIVATIONS, _init_mlp, lift)
 
 
 def BayesianMLP(
@@ -297,13 +251,4 @@ def BayesianMLP(
         >>> net(torch.ones(5, 2)).shape
         torch.Size([5, 1])
     """
-    act = check_mlp_args(name, sizes, activation, ACTIVATIONS)
-    prior = dist.Normal(0.0, 1.0) if prior is None else prior
-    _check_prior(prior)
-    chosen = layer_index(bayesian_layers, len(sizes) - 1)
-    template = _init_mlp(sizes, act, seed=len(name))
-
-    def is_bayesian(path: str) -> bool:
-        return chosen is None or int(path.split(".")[1]) in chosen
-
-    return lift(name, template, prior, bayesian=is_bayesian)
+    return bayesian_mlp(_BACKEND, name, sizes, activation, prior, bayesian_layers)

@@ -31,7 +31,6 @@ target_times=new_times, sites=["latent.forecast"])``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,6 +43,7 @@ from torch import Tensor
 
 from probdyn.primitives.init_weights import init_gru as _init_gru
 from probdyn.primitives.init_weights import init_layers as _init_layers
+from probdyn.primitives.latent_ode import LatentODEBase, autonomous_field, nonfinite_value_error
 from probdyn.primitives.series import PaddedSeries, pad_series
 from probdyn.pyro.bridge import as_seed, isolated, with_params
 from probdyn.pyro.primitives.bnn import ACTIVATIONS, MLP, Linear
@@ -129,7 +129,7 @@ def _tensor(x: Any, dtype: torch.dtype | None = None) -> Tensor:
     return torch.as_tensor(a, dtype=dtype)
 
 
-class LatentODE:
+class LatentODE(LatentODEBase[NeuralODE]):
     """A latent ODE over a batch of irregularly sampled series with missing values.
 
     ``model`` and ``guide`` are a Pyro model / amortised guide pair taking
@@ -179,63 +179,19 @@ class LatentODE:
         (4, 5, 2)
     """
 
-    def __init__(
-        self,
-        obs_dim: int,
-        latent_dim: int = 4,
-        *,
-        field_sizes: Sequence[int] = (20, 20),
-        decoder_sizes: Sequence[int] = (20,),
-        encoder_hidden: int = 25,
-        obs_scale: float = 0.3,
-        solver: str = "tsit5",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        max_steps: int = 4096,
-        adjoint: str = "recursive",
-        dt0: float | None = None,
-        name: str = "latent",
-        seed: int = 0,
-    ) -> None:
-        for field, v in (
-            ("obs_dim", obs_dim),
-            ("latent_dim", latent_dim),
-            ("encoder_hidden", encoder_hidden),
-        ):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"LatentODE({field}={v!r}): must be a positive integer.")
-        if not isinstance(obs_scale, (int, float)) or not obs_scale > 0:
-            raise ValueError(f"LatentODE(obs_scale={obs_scale!r}): must be a positive number.")
-        self.obs_dim, self.latent_dim = obs_dim, latent_dim
-        self.field_sizes = (latent_dim, *field_sizes, latent_dim)
-        self.decoder_sizes = (latent_dim, *decoder_sizes, obs_dim)
-        self.encoder_hidden = encoder_hidden
-        self.obs_scale = float(obs_scale)
-        self.name, self.seed = name, seed
-        options: dict[str, Any] = dict(
-            solver=solver, rtol=rtol, atol=atol, max_steps=max_steps, adjoint=adjoint, dt0=dt0
-        )
-        self.ode = NeuralODE(_call_field, name=f"{name}.ode", **options)
-        # A second solver object: its failure factor needs its own site name.
-        self.forecast_ode = NeuralODE(_call_field, name=f"{name}.forecast_ode", **options)
-
-    def __repr__(self) -> str:
-        return (
-            f"LatentODE(obs_dim={self.obs_dim}, latent_dim={self.latent_dim}, "
-            f"field={list(self.field_sizes)}, decoder={list(self.decoder_sizes)}, "
-            f"encoder_hidden={self.encoder_hidden}, obs_scale={self.obs_scale}, {self.ode!r})"
-        )
+    def _neural_ode(self, name: str, options: dict[str, Any]) -> NeuralODE:
+        return NeuralODE(autonomous_field, name=name, **options)
 
     # -- networks as param sites ----------------------------------------------------------
     def _mlp(self, part: str, sizes: tuple[int, ...], act: str, seed: int) -> MLP:
-        return _param_mlp(f"{self.name}.{part}", sizes, act, self.seed * 7919 + seed)
+        return _param_mlp(f"{self.name}.{part}", sizes, act, self._weight_seed(seed))
 
     def _encoder(self) -> GRUEncoder:
         prefix = f"{self.name}.encoder"
-        w, b = _init_gru(2 * self.obs_dim + 1, self.encoder_hidden, self.seed * 7919 + 3)
+        w, b = _init_gru(2 * self.obs_dim + 1, self.encoder_hidden, self._weight_seed(3))
         w_site, b_site = _param(f"{prefix}.w", w), _param(f"{prefix}.b", b)
         head_sizes = (self.encoder_hidden, 2 * self.latent_dim)
-        head = _param_mlp(f"{prefix}.head", head_sizes, "identity", self.seed * 7919 + 4)
+        head = _param_mlp(f"{prefix}.head", head_sizes, "identity", self._weight_seed(4))
         return GRUEncoder(w_site, b_site, head)
 
     # -- data normalisation -----------------------------------------------------------------
@@ -243,38 +199,21 @@ class LatentODE:
         self, times: Any, values: Any, mask: Any, t0: Any
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         times = _tensor(times)
-        if times.ndim != 2:
-            raise ValueError(
-                f"LatentODE: times must be (series, time), got shape {tuple(times.shape)}; "
-                "pad ragged series with pad_series."
-            )
-        shape = (*times.shape, self.obs_dim)
+        shape = self._observation_shape(tuple(times.shape))
         vals = None if values is None else _tensor(values)
-        if vals is not None and tuple(vals.shape) != shape:
-            raise ValueError(
-                f"LatentODE: values has shape {tuple(vals.shape)}, expected {shape} "
-                "(series, time, obs_dim) to match times."
-            )
+        if vals is not None:
+            self._check_values_shape(tuple(vals.shape), shape)
         if mask is None:
             m = torch.ones(shape, dtype=torch.bool) if vals is None else torch.isfinite(vals)
         else:
             m = _tensor(mask).to(torch.bool)
-            if m.shape == times.shape:
+            if self._mask_needs_axis(tuple(m.shape), shape):
                 m = m[..., None]
-            if m.ndim != 3 or m.shape[:2] != times.shape or m.shape[2] not in (1, self.obs_dim):
-                raise ValueError(
-                    f"LatentODE: mask has shape {tuple(m.shape)}; give "
-                    f"{tuple(times.shape)} or {shape}."
-                )
             m = m.expand(shape)
         if vals is not None:
             bad = m & ~torch.isfinite(vals)
             if bool(bad.any()):
-                b, t, d = (int(i) for i in torch.nonzero(bad)[0])
-                raise ValueError(
-                    f"LatentODE: values[{b}, {t}, {d}] is not finite but mask marks it "
-                    "observed; set mask False there (or leave mask=None to mask every NaN)."
-                )
+                raise nonfinite_value_error(torch.nonzero(bad)[0].tolist())
         start = times[:, 0].min() if t0 is None else _tensor(t0, times.dtype)
         return times, vals, m, start
 
@@ -383,8 +322,3 @@ class LatentODE:
 def _solve(ode: NeuralODE, z0: Tensor, times: Tensor, field: MLP, t0: Tensor) -> Tensor:
     # 2-D times: one tensor (B, T, latent_dim), never the ragged list form.
     return cast(Tensor, ode(z0, times, field, t0=t0))
-
-
-def _call_field(t: Any, z: Any, field: Callable[[Tensor], Tensor]) -> Any:
-    # Autonomous field dz/dt = f(z), as in Chen et al.; the MLP arrives as ``args``.
-    return field(z)

@@ -1,10 +1,10 @@
 """Neural processes (Garnelo et al. 2018a,b; Kim et al. 2019) as Pyro model primitives.
 
-The twin of `probdyn.numpyro.primitives.neural_process`: the same names, signatures, site names, shapes and
-numbers. `ConditionalNP` (mean-pooled), `AttentiveNP` (cross-attention) and `LatentNP` (global
-latent ``z``) are called inside a model: they register their weights as ``param`` sites and
-return a plain callable that maps a (padded, masked) context set and target inputs to a
-per-point Gaussian predictive. `conditional_np_model`, `attentive_np_model` and
+The twin of `probdyn.numpyro.primitives.neural_process`: the same names, signatures, site names,
+shapes and numbers. `ConditionalNP` (mean-pooled), `AttentiveNP` (cross-attention) and
+`LatentNP` (global latent ``z``) are called inside a model: they register their weights as
+``param`` sites and return a plain callable that maps a (padded, masked) context set and target
+inputs to a per-point Gaussian predictive. `conditional_np_model`, `attentive_np_model` and
 `latent_np_model` are Pyro models over a batch of tasks (observed site ``"y"``; the latent
 model also has the sample site ``"z"``, and `latent_np_guide` is its amortised guide; so has
 the attentive model given ``latent_dim``, with `attentive_np_guide`). Train them across
@@ -13,24 +13,39 @@ tasks with ``probdyn.fit(model, probdyn.data.gp_task_stream(16), engine=probdyn.
 `probdyn.pyro.engines.vi_stream`) and predict on a new task with
 ``posterior.predict(x_target, context=(x_context, y_context))``.
 
-Weights are stored ``(in, out)`` as in `probdyn.pyro.BayesianMLP`, so a dict of trained NumPyro
-params is the same network here (see tests/test_np_parity.py).
+The networks and their constructors are in `probdyn.pyro.primitives.neural_process_networks`
+(all re-exported here). What does not need Pyro is shared with the NumPyro twin in
+`probdyn.primitives.neural_process`: the option checks, the network layouts and site names,
+the guide's choice of set, and the bodies of the models and guides, which call this module's
+operations (``_OPS``: the networks, the sample statements ``"z"`` and ``"y"``, the target mask).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from probdyn.primitives.validate import check_np_args
-from probdyn.pyro.primitives.bnn import ACTIVATIONS, MLP, Linear
+from probdyn.primitives.neural_process import (
+    NPOps,
+    Task,
+    run_attentive_np_guide,
+    run_attentive_np_model,
+    run_conditional_np_model,
+    run_latent_np_guide,
+    run_latent_np_model,
+)
+from probdyn.pyro.primitives.neural_process_networks import (
+    ANP,
+    CNP,
+    LNP,
+    AttentiveNP,
+    ConditionalNP,
+    LatentNP,
+)
 
 __all__ = [
     "ANP",
@@ -47,150 +62,29 @@ __all__ = [
 ]
 
 
-def _softplus(x: Tensor) -> Tensor:
-    # log(1 + e^x) exactly, as jax.nn.softplus (torch's F.softplus returns x above x = 20).
-    return torch.logaddexp(x, x.new_zeros(()))
+def _target_mask(mask_target: Any, shape: tuple[int, ...]) -> Tensor:
+    """``mask_target`` as a bool tensor, or all True of ``shape`` (every target slot) if None."""
+    if mask_target is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.as_tensor(mask_target, dtype=torch.bool)
 
 
-def _masked_mean(h: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``h (..., n, d)`` over the points where ``mask (..., n)`` is True."""
-    w = torch.as_tensor(mask).to(h.dtype)[..., None]
-    # clamp(., 1) keeps an empty set finite (the mean is 0 then).
-    return torch.sum(w * h, dim=-2) / torch.clamp(torch.sum(w, dim=-2), min=1.0)
+def _observe(mean: Tensor, sd: Tensor, y_target: Tensor | None, mask_target: Any) -> None:
+    """Sites ``"mean"``, ``"sd"`` and ``y ~ Normal(mean, sd)`` on the real target slots."""
+    pyro.deterministic("mean", mean)
+    pyro.deterministic("sd", sd)
+    mask = _target_mask(mask_target, mean.shape[:-1])
+    pyro.sample("y", dist.Normal(mean, sd).mask(mask[..., None]), obs=y_target)
 
 
-def _per_target(r: Tensor, x_target: Tensor) -> Tensor:
-    """A per-task vector ``(..., d)`` repeated for every target point: ``(..., n_t, d)``."""
-    return r[..., None, :].expand(*x_target.shape[:-1], r.shape[-1])
+def _sample_z(net: ANP | LNP, x: Tensor, y: Tensor, mask: Any) -> Tensor:
+    """Site ``"z"``: a draw from the network's Gaussian over ``z`` given ``(x, y, mask)``."""
+    loc, scale = net.latent(x, y, mask)
+    return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
-def _latent_gaussian(
-    encoder: MLP, head: MLP, x: Tensor, y: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(loc, scale)`` of ``z`` given the masked set ``(x, y)``: mean pool, then the head."""
-    s = _masked_mean(encoder(torch.cat([x, y], dim=-1)), mask)
-    loc, raw = torch.chunk(head(s), 2, dim=-1)
-    # The 0.1 floor on the latent scale follows juho-lee/bnp and the DeepMind NP notebook.
-    return loc, 0.1 + 0.9 * torch.sigmoid(raw)
-
-
-def _gaussian(out: Tensor, min_sd: float) -> tuple[Tensor, Tensor]:
-    mean, raw = torch.chunk(out, 2, dim=-1)
-    return mean, min_sd + (1.0 - min_sd) * _softplus(raw)
-
-
-@dataclasses.dataclass(frozen=True)
-class CNP:
-    """A conditional neural process with this run's weights (see `ConditionalNP`).
-
-    ``r = mean_{i in context} encoder([x_i, y_i])``; ``[mu, raw] = decoder([x*, r])``;
-    predictive ``N(mu, sd^2)`` with ``sd = min_sd + (1 - min_sd) softplus(raw)``.
-
-    Example:
-        >>> import torch, pyro
-        >>> with pyro.poutine.seed(rng_seed=0):
-        ...     cnp = ConditionalNP("c1", hidden=8)
-        >>> isinstance(cnp, CNP), cnp.min_sd
-        (True, 0.1)
-    """
-
-    encoder: MLP
-    decoder: MLP
-    min_sd: float
-
-    def __call__(
-        self, x_context: Tensor, y_context: Tensor, mask_context: Tensor, x_target: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        h = self.encoder(torch.cat([x_context, y_context], dim=-1))
-        r = _per_target(_masked_mean(h, mask_context), x_target)
-        out = self.decoder(torch.cat([x_target, r], dim=-1))
-        return _gaussian(out, self.min_sd)
-
-
-def _param_mlp(name: str, sizes: Sequence[int], activation: Callable[[Tensor], Tensor]) -> MLP:
-    dtype = torch.get_default_dtype()
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        # Glorot-uniform initial weights, drawn lazily (only when the param store has no value)
-        # from torch's RNG, which `probdyn.fit` seeds from its key inside `isolated`.
-        bound = float(np.sqrt(6.0 / (n_in + n_out)))
-
-        def init(n_in: int = n_in, n_out: int = n_out, b: float = bound) -> Tensor:
-            return (2.0 * torch.rand(n_in, n_out, dtype=dtype) - 1.0) * b
-
-        def zeros(n_out: int = n_out) -> Tensor:
-            return torch.zeros(n_out, dtype=dtype)
-
-        weight = pyro.param(f"{name}.layers.{i}.weight", init)
-        bias = pyro.param(f"{name}.layers.{i}.bias", zeros)
-        layers.append(Linear(weight, bias))
-    return MLP(tuple(layers), activation)
-
-
-def _check_np_args(
-    fn: str, sizes: dict[str, int], min_sd: float, activation: str
-) -> Callable[[Tensor], Tensor]:
-    check_np_args(fn, sizes, min_sd, activation, list(ACTIVATIONS))
-    return ACTIVATIONS[activation]
-
-
-def ConditionalNP(
-    name: str,
-    *,
-    x_dim: int = 1,
-    y_dim: int = 1,
-    hidden: int = 128,
-    encoder_depth: int = 3,
-    decoder_depth: int = 2,
-    min_sd: float = 0.1,
-    activation: str = "relu",
-) -> CNP:
-    """A conditional neural process whose weights are ``param`` sites; call inside a model.
-
-    Deterministic, mean-pooled path as in Garnelo et al. (2018) and juho-lee/bnp: an encoder
-    MLP ``[x_dim + y_dim, hidden x encoder_depth]`` on each context pair, a masked mean pool,
-    and a decoder MLP ``[x_dim + hidden, hidden x decoder_depth, 2 y_dim]`` giving a Gaussian
-    mean and ``sd = min_sd + (1 - min_sd) softplus(raw)``. With ``min_sd = 0.1`` (the default,
-    as in the reference code) no per-point log density can exceed
-    ``-log(0.1 sqrt(2 pi)) = 1.384`` nats. Sites are ``f"{name}.encoder.layers.{i}.weight"``
-    (shape ``(in, out)``) and ``.bias``, likewise for ``decoder``: the names and shapes of
-    `probdyn.numpyro`'s twin.
-
-    Args:
-        name: prefix of the site names.
-        x_dim: input dimension.
-        y_dim: output dimension.
-        hidden: width of every hidden layer and of the representation ``r``.
-        encoder_depth: number of hidden layers of the encoder MLP.
-        decoder_depth: number of hidden layers of the decoder MLP.
-        min_sd: floor of the predictive sd, in ``(0, 1)``.
-        activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
-
-    Returns:
-        A `CNP`; ``cnp(x_c, y_c, mask_c, x_t)`` returns ``(mean, sd)``, each
-        ``(batch, n_t, y_dim)``.
-
-    Raises:
-        ValueError: for a non-positive size, ``min_sd`` outside ``(0, 1)`` or an unknown
-            activation.
-
-    Example:
-        >>> import torch, pyro
-        >>> with pyro.poutine.seed(rng_seed=0):
-        ...     cnp = ConditionalNP("c2", hidden=16)
-        >>> mean, sd = cnp(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5),
-        ...                torch.zeros(2, 7, 1))
-        >>> tuple(mean.shape), bool((sd >= 0.1).all())
-        ((2, 7, 1), True)
-    """
-    sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden}
-    sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
-    act = _check_np_args("ConditionalNP", sizes, min_sd, activation)
-    encoder = _param_mlp(f"{name}.encoder", [x_dim + y_dim] + [hidden] * encoder_depth, act)
-    decoder = _param_mlp(
-        f"{name}.decoder", [x_dim + hidden] + [hidden] * decoder_depth + [2 * y_dim], act
-    )
-    return CNP(encoder, decoder, float(min_sd))
+# What the shared model and guide bodies (``run_*``) call on this backend.
+_OPS = NPOps(ConditionalNP, AttentiveNP, LatentNP, _sample_z, _observe, _target_mask)
 
 
 def conditional_np_model(
@@ -227,213 +121,8 @@ def conditional_np_model(
         >>> tuple(tr.nodes["y"].get("value").shape)
         (2, 7, 1)
     """
-    cnp = ConditionalNP("cnp", **cnp_options)
-    _observe(*cnp(x_context, y_context, mask_context, x_target), y_target, mask_target)
-
-
-@dataclasses.dataclass(frozen=True)
-class ANP:
-    """An attentive neural process with this run's weights (see `AttentiveNP`).
-
-    ``v_i = encoder([x_i, y_i])``, ``k_i = key_query(x_i)`` over the context,
-    ``q_j = key_query(x*_j)``; ``r_j = MultiHead(q_j, k, v)``, masked to the real context
-    points; ``[mu, raw] = decoder([x*_j, r_j])``, ``sd = min_sd + (1 - min_sd) softplus(raw)``.
-    With a latent path (``latent_encoder`` and ``latent_head`` set, as in `LNP`): ``z`` has
-    the Gaussian ``latent(x, y, mask)`` and the decoder sees ``[x*_j, r_j, z]``.
-
-    Example:
-        >>> import torch, pyro
-        >>> with pyro.poutine.seed(rng_seed=0):
-        ...     anp = AttentiveNP("a1", hidden=8, num_heads=2)
-        >>> tuple(anp.attend(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5),
-        ...                  torch.zeros(2, 7, 1)).shape)
-        (2, 7, 8)
-    """
-
-    encoder: MLP
-    key_query: MLP
-    query: MLP
-    key: MLP
-    value: MLP
-    output: MLP
-    decoder: MLP
-    num_heads: int
-    min_sd: float
-    latent_encoder: MLP | None = None
-    latent_head: MLP | None = None
-
-    def latent(self, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Location and scale of the Gaussian over ``z`` given the masked set ``(x, y)``.
-
-        Raises:
-            ValueError: if the network has no latent path.
-        """
-        if self.latent_encoder is None or self.latent_head is None:
-            raise ValueError(
-                "ANP.latent: this attentive NP has no latent path; build it with "
-                "AttentiveNP(..., latent_dim=k) to have one."
-            )
-        return _latent_gaussian(self.latent_encoder, self.latent_head, x, y, mask)
-
-    def attend(
-        self, x_context: Tensor, y_context: Tensor, mask_context: Tensor, x_target: Tensor
-    ) -> Tensor:
-        """The per-target representation ``r``: multi-head cross-attention to the context."""
-        v = self.value(self.encoder(torch.cat([x_context, y_context], dim=-1)))
-        k = self.key(self.key_query(x_context))
-        q = self.query(self.key_query(x_target))
-        heads = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
-        q, k, v = heads(q), heads(k), heads(v)  # (..., n, heads, d)
-        logits = torch.einsum("...thd,...chd->...htc", q, k) / np.sqrt(q.shape[-1])
-        mask = torch.as_tensor(mask_context).to(torch.bool)[..., None, None, :]
-        # Softmax over the real context points only; a finite fill (not -inf) keeps the
-        # gradient finite, and an empty context gives all-zero weights (r = output bias).
-        logits = torch.where(mask, logits, -1e30)
-        shifted = torch.exp(logits - torch.amax(logits, dim=-1, keepdim=True))
-        e = torch.where(mask, shifted, 0.0)
-        w = e / torch.clamp(torch.sum(e, dim=-1, keepdim=True), min=1e-30)
-        r = torch.einsum("...htc,...chd->...thd", w, v)
-        return self.output(r.reshape(*r.shape[:-2], -1))
-
-    def __call__(
-        self,
-        x_context: Tensor,
-        y_context: Tensor,
-        mask_context: Tensor,
-        x_target: Tensor,
-        z: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        parts = [x_target, self.attend(x_context, y_context, mask_context, x_target)]
-        if self.latent_head is None:
-            if z is not None:
-                raise ValueError(
-                    f"ANP(z=<tensor of shape {tuple(z.shape)}>): this attentive NP has no "
-                    "latent path; pass z=None, or build it with AttentiveNP(..., latent_dim=k)."
-                )
-        elif z is None:
-            raise ValueError(
-                "ANP(z=None): this attentive NP has a latent path and needs z of shape "
-                "(batch, latent_dim), e.g. a draw from anp.latent(x_context, y_context, "
-                "mask_context)."
-            )
-        else:
-            parts.append(_per_target(z, x_target))
-        return _gaussian(self.decoder(torch.cat(parts, dim=-1)), self.min_sd)
-
-
-def AttentiveNP(
-    name: str,
-    *,
-    x_dim: int = 1,
-    y_dim: int = 1,
-    hidden: int = 128,
-    num_heads: int = 8,
-    latent_dim: int | None = None,
-    encoder_depth: int = 3,
-    decoder_depth: int = 2,
-    min_sd: float = 0.1,
-    activation: str = "relu",
-) -> ANP:
-    """An attentive (conditional) neural process with ``param``-site weights; call in a model.
-
-    The twin of `probdyn.numpyro`'s ``AttentiveNP`` (same sites and numbers): the
-    deterministic path of Kim et al. (2019) in the form of juho-lee/bnp's CANP, without
-    self-attention, residual connections or layer norm: values ``encoder([x_i, y_i])`` (an MLP
-    ``[x_dim + y_dim, hidden x encoder_depth]``); keys and queries from one MLP
-    ``key_query = [x_dim, hidden, hidden]``; ``num_heads``-head scaled dot-product attention
-    with linear maps ``query``, ``key``, ``value`` and ``output`` (``hidden -> hidden``), masked
-    to the real context points; and the decoder of `ConditionalNP` on ``[x*, r(x*)]``. Sites
-    are ``f"{name}.{part}.layers.{i}.weight"`` (and ``.bias``) for part in ``encoder``,
-    ``key_query``, ``attention.query``, ``attention.key``, ``attention.value``,
-    ``attention.output``, ``decoder``.
-
-    With ``latent_dim=k`` it is the full ANP of Kim et al. (2019): a global latent path as in
-    `LatentNP` (a set encoder ``latent_encoder = [x_dim + y_dim, hidden x encoder_depth]``, a
-    masked mean pool and ``latent_head = [hidden, hidden, 2 k]``; scale
-    ``0.1 + 0.9 sigmoid(raw)``) is added, and the decoder's input becomes ``[x*, r(x*), z]``
-    (``x_dim + hidden + k`` wide). Its extra sites are ``f"{name}.latent_encoder..."`` and
-    ``f"{name}.latent_head..."``; with ``latent_dim=None`` the network and sites are the
-    deterministic ones above.
-
-    Args:
-        name: prefix of the site names.
-        x_dim: input dimension.
-        y_dim: output dimension.
-        hidden: width of every hidden layer and of the representation ``r``.
-        num_heads: number of attention heads; must divide ``hidden``.
-        latent_dim: dimension of the global latent ``z``, or None for no latent path.
-        encoder_depth: number of hidden layers of the value (and latent) encoder.
-        decoder_depth: number of hidden layers of the decoder.
-        min_sd: floor of the predictive sd, in ``(0, 1)``.
-        activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
-
-    Returns:
-        An `ANP`; ``anp(x_c, y_c, mask_c, x_t)`` (with a latent path
-        ``anp(x_c, y_c, mask_c, x_t, z)``) returns ``(mean, sd)``, each
-        ``(batch, n_t, y_dim)``; with a latent path ``anp.latent(x, y, mask)`` gives the
-        ``(loc, scale)`` of ``z`` given a set.
-
-    Raises:
-        ValueError: for a non-positive size, ``num_heads`` not dividing ``hidden``, ``min_sd``
-            outside ``(0, 1)`` or an unknown activation.
-
-    Example:
-        >>> import torch, pyro
-        >>> with pyro.poutine.seed(rng_seed=0):
-        ...     anp = AttentiveNP("a2", hidden=16, num_heads=4)
-        ...     full = AttentiveNP("a3", hidden=16, num_heads=4, latent_dim=3)
-        >>> mean, sd = anp(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5),
-        ...                torch.zeros(2, 7, 1))
-        >>> tuple(mean.shape), bool((sd >= 0.1).all())
-        ((2, 7, 1), True)
-        >>> loc, scale = full.latent(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5))
-        >>> tuple(full(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5),
-        ...            torch.zeros(2, 7, 1), loc)[0].shape)
-        (2, 7, 1)
-    """
-    sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden, "num_heads": num_heads}
-    if latent_dim is not None:
-        sizes["latent_dim"] = latent_dim
-    sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
-    act = _check_np_args("AttentiveNP", sizes, min_sd, activation)
-    if hidden % num_heads:
-        raise ValueError(
-            f"AttentiveNP(num_heads={num_heads!r}): must divide hidden={hidden!r}, e.g. "
-            "num_heads=8 with hidden=128."
-        )
-    encoder = _param_mlp(f"{name}.encoder", [x_dim + y_dim] + [hidden] * encoder_depth, act)
-    key_query = _param_mlp(f"{name}.key_query", [x_dim, hidden, hidden], act)
-    linear = {
-        part: _param_mlp(f"{name}.attention.{part}", [hidden, hidden], act)
-        for part in ("query", "key", "value", "output")
-    }
-    latent: dict[str, MLP] = {}
-    if latent_dim is not None:
-        set_sizes = [x_dim + y_dim] + [hidden] * encoder_depth
-        latent["latent_encoder"] = _param_mlp(f"{name}.latent_encoder", set_sizes, act)
-        head_sizes = [hidden, hidden, 2 * latent_dim]
-        latent["latent_head"] = _param_mlp(f"{name}.latent_head", head_sizes, act)
-    n_in = x_dim + hidden + (0 if latent_dim is None else latent_dim)
-    decoder = _param_mlp(f"{name}.decoder", [n_in] + [hidden] * decoder_depth + [2 * y_dim], act)
-    return ANP(
-        encoder,
-        key_query,
-        decoder=decoder,
-        num_heads=num_heads,
-        min_sd=float(min_sd),
-        **linear,
-        **latent,
-    )
-
-
-def _observe(mean: Tensor, sd: Tensor, y_target: Tensor | None, mask_target: Any) -> None:
-    pyro.deterministic("mean", mean)
-    pyro.deterministic("sd", sd)
-    if mask_target is None:
-        mask = torch.ones(mean.shape[:-1], dtype=torch.bool)
-    else:
-        mask = torch.as_tensor(mask_target, dtype=torch.bool)
-    pyro.sample("y", dist.Normal(mean, sd).mask(mask[..., None]), obs=y_target)
+    task = Task(x_context, y_context, mask_context, x_target, y_target, mask_target)
+    run_conditional_np_model(_OPS, task, cnp_options)
 
 
 def attentive_np_model(
@@ -472,126 +161,8 @@ def attentive_np_model(
         >>> tuple(tr.nodes["z"].get("value").shape), tuple(tr.nodes["y"].get("value").shape)
         ((2, 3), (2, 7, 1))
     """
-    anp = AttentiveNP("anp", **anp_options)
-    z = None
-    if anp.latent_head is not None:
-        loc, scale = anp.latent(x_context, y_context, mask_context)
-        z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-    _observe(*anp(x_context, y_context, mask_context, x_target, z), y_target, mask_target)
-
-
-@dataclasses.dataclass(frozen=True)
-class LNP:
-    """A latent neural process with this run's weights (see `LatentNP`).
-
-    Latent path: ``s = mean_{i in set} latent_encoder([x_i, y_i])``,
-    ``[m, raw] = latent_head(s)``, ``z ~ N(m, diag(0.1 + 0.9 sigmoid(raw))^2)``. Deterministic
-    path (optional): ``r = mean_{i in context} deterministic_encoder([x_i, y_i])``. Decoder:
-    ``[mu, raw] = decoder([x*, r, z])`` and ``sd = min_sd + (1 - min_sd) softplus(raw)``.
-
-    Example:
-        >>> import torch, pyro
-        >>> with pyro.poutine.seed(rng_seed=0):
-        ...     lnp = LatentNP("l1", hidden=8, latent_dim=3)
-        >>> loc, scale = lnp.latent(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5))
-        >>> tuple(loc.shape), bool((scale >= 0.1).all())
-        ((2, 3), True)
-    """
-
-    latent_encoder: MLP
-    latent_head: MLP
-    deterministic_encoder: MLP | None
-    decoder: MLP
-    min_sd: float
-
-    def latent(self, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Location and scale of the Gaussian over ``z`` given the masked set ``(x, y)``."""
-        return _latent_gaussian(self.latent_encoder, self.latent_head, x, y, mask)
-
-    def __call__(
-        self,
-        x_context: Tensor,
-        y_context: Tensor,
-        mask_context: Tensor,
-        x_target: Tensor,
-        z: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        parts = [x_target]
-        if self.deterministic_encoder is not None:
-            h = self.deterministic_encoder(torch.cat([x_context, y_context], dim=-1))
-            parts.append(_per_target(_masked_mean(h, mask_context), x_target))
-        parts.append(_per_target(z, x_target))
-        return _gaussian(self.decoder(torch.cat(parts, dim=-1)), self.min_sd)
-
-
-def LatentNP(
-    name: str,
-    *,
-    x_dim: int = 1,
-    y_dim: int = 1,
-    hidden: int = 128,
-    latent_dim: int = 128,
-    encoder_depth: int = 3,
-    decoder_depth: int = 2,
-    deterministic_path: bool = True,
-    min_sd: float = 0.1,
-    activation: str = "relu",
-) -> LNP:
-    """A latent neural process whose weights are ``param`` sites; call inside a model.
-
-    The twin of `probdyn.numpyro`'s ``LatentNP`` (same sites and numbers): the NP of Garnelo
-    et al. (2018b) as in juho-lee/bnp, a global latent ``z`` whose Gaussian is amortised by a
-    set encoder (an MLP ``[x_dim + y_dim, hidden x encoder_depth]``, a masked mean pool and a
-    head ``[hidden, hidden, 2 latent_dim]``; scale ``0.1 + 0.9 sigmoid(raw)``), an optional
-    deterministic mean-pooled path as in `ConditionalNP`, and a decoder MLP
-    ``[x_dim + hidden + latent_dim, hidden x decoder_depth, 2 y_dim]`` (without the
-    deterministic path its input is ``x_dim + latent_dim``). Sites are
-    ``f"{name}.latent_encoder.layers.{i}.weight"`` (and ``.bias``), likewise for
-    ``latent_head``, ``deterministic_encoder`` and ``decoder``.
-
-    Args:
-        name: prefix of the site names.
-        x_dim: input dimension.
-        y_dim: output dimension.
-        hidden: width of every hidden layer and of the representation ``r``.
-        latent_dim: dimension of ``z``.
-        encoder_depth: number of hidden layers of the set encoders.
-        decoder_depth: number of hidden layers of the decoder.
-        deterministic_path: also condition the decoder on a mean-pooled ``r`` of the context.
-        min_sd: floor of the predictive sd, in ``(0, 1)``.
-        activation: a name from ``"relu"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"elu"``, ...
-
-    Returns:
-        An `LNP`: ``lnp.latent(x, y, mask)`` gives the ``(loc, scale)`` of ``z`` given a set,
-        and ``lnp(x_c, y_c, mask_c, x_t, z)`` the predictive ``(mean, sd)``, each
-        ``(batch, n_t, y_dim)``.
-
-    Raises:
-        ValueError: for a non-positive size, ``min_sd`` outside ``(0, 1)`` or an unknown
-            activation.
-
-    Example:
-        >>> import torch, pyro
-        >>> with pyro.poutine.seed(rng_seed=0):
-        ...     lnp = LatentNP("l2", hidden=16, latent_dim=4)
-        >>> loc, scale = lnp.latent(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5))
-        >>> mean, sd = lnp(torch.ones(2, 5, 1), torch.ones(2, 5, 1), torch.ones(2, 5),
-        ...                torch.zeros(2, 7, 1), loc)
-        >>> tuple(loc.shape), tuple(mean.shape)
-        ((2, 4), (2, 7, 1))
-    """
-    sizes = {"x_dim": x_dim, "y_dim": y_dim, "hidden": hidden, "latent_dim": latent_dim}
-    sizes |= {"encoder_depth": encoder_depth, "decoder_depth": decoder_depth}
-    act = _check_np_args("LatentNP", sizes, min_sd, activation)
-    set_sizes = [x_dim + y_dim] + [hidden] * encoder_depth
-    latent_encoder = _param_mlp(f"{name}.latent_encoder", set_sizes, act)
-    latent_head = _param_mlp(f"{name}.latent_head", [hidden, hidden, 2 * latent_dim], act)
-    det = None
-    if deterministic_path:
-        det = _param_mlp(f"{name}.deterministic_encoder", set_sizes, act)
-    n_in = x_dim + latent_dim + (hidden if deterministic_path else 0)
-    decoder = _param_mlp(f"{name}.decoder", [n_in] + [hidden] * decoder_depth + [2 * y_dim], act)
-    return LNP(latent_encoder, latent_head, det, decoder, float(min_sd))
+    task = Task(x_context, y_context, mask_context, x_target, y_target, mask_target)
+    run_attentive_np_model(_OPS, task, anp_options)
 
 
 def latent_np_model(
@@ -631,10 +202,8 @@ def latent_np_model(
         >>> tuple(tr.nodes["z"].get("value").shape), tuple(tr.nodes["y"].get("value").shape)
         ((2, 3), (2, 7, 1))
     """
-    lnp = LatentNP("lnp", **lnp_options)
-    loc, scale = lnp.latent(x_context, y_context, mask_context)
-    z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-    _observe(*lnp(x_context, y_context, mask_context, x_target, z), y_target, mask_target)
+    task = Task(x_context, y_context, mask_context, x_target, y_target, mask_target)
+    run_latent_np_model(_OPS, task, lnp_options)
 
 
 def latent_np_guide(
@@ -661,15 +230,8 @@ def latent_np_guide(
         >>> tuple(tr.nodes["z"].get("value").shape)
         (2, 3)
     """
-    lnp = LatentNP("lnp", **lnp_options)
-    if y_target is None:
-        loc, scale = lnp.latent(x_context, y_context, mask_context)
-    else:
-        mask = torch.ones(y_target.shape[:-1], dtype=torch.bool)
-        if mask_target is not None:
-            mask = torch.as_tensor(mask_target, dtype=torch.bool)
-        loc, scale = lnp.latent(x_target, y_target, mask)
-    pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    task = Task(x_context, y_context, mask_context, x_target, y_target, mask_target)
+    run_latent_np_guide(_OPS, task, lnp_options)
 
 
 def attentive_np_guide(
@@ -702,18 +264,5 @@ def attentive_np_guide(
         >>> tuple(tr.nodes["z"].get("value").shape)
         (2, 3)
     """
-    if anp_options.get("latent_dim") is None:
-        raise ValueError(
-            f"attentive_np_guide(latent_dim={anp_options.get('latent_dim')!r}): the guide needs "
-            "the latent path; pass latent_dim=k (e.g. 32), or fit the deterministic "
-            "attentive_np_model by maximum likelihood with VI() and no guide."
-        )
-    anp = AttentiveNP("anp", **anp_options)
-    if y_target is None:
-        loc, scale = anp.latent(x_context, y_context, mask_context)
-    else:
-        mask = torch.ones(y_target.shape[:-1], dtype=torch.bool)
-        if mask_target is not None:
-            mask = torch.as_tensor(mask_target, dtype=torch.bool)
-        loc, scale = anp.latent(x_target, y_target, mask)
-    pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    task = Task(x_context, y_context, mask_context, x_target, y_target, mask_target)
+    run_attentive_np_guide(_OPS, task, anp_options)

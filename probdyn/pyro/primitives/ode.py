@@ -5,9 +5,9 @@ state at ``times``. The vector field may be a network (e.g. from `BayesianMLP`),
 mechanistic function, or their sum (a universal differential equation).
 
 The options share one vocabulary with `probdyn.numpyro.NeuralODE`; `SOLVERS` maps
-each solver name onto torchdiffeq. torchdiffeq has no Tsitouras 5(4) pair, so this
-module adds one to torchdiffeq's solver table (under the name ``"probdyn_tsit5"``)
-from the coefficients of Tsitouras (2011).
+each solver name onto torchdiffeq. torchdiffeq has no Tsitouras 5(4) pair, so
+`probdyn.pyro.primitives.tsit5` adds one to torchdiffeq's solver table (under the
+name ``"probdyn_tsit5"``) from the coefficients of Tsitouras (2011).
 
 A solve that fails (too many steps, a step size that underflows, a non-finite
 state, any error the solver raises) never crashes a run: the trajectory is
@@ -27,96 +27,27 @@ import torch
 from pyro.poutine.runtime import am_i_wrapped
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
-from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _ButcherTableau
 
-from probdyn.primitives.validate import check_ode_args
+from probdyn.primitives.ode import (
+    ADAPTIVE,
+    FailureCounter,
+    NeuralODEBase,
+    check_field_shape,
+    check_series_count,
+    check_t0,
+    check_times,
+)
+from probdyn.pyro.primitives import tsit5
 
 __all__ = ["ADJOINTS", "SOLVERS", "NeuralODE", "failed_solves", "reset_failed_solves"]
 
 
-# -- Tsitouras 5(4), the shared default solver ------------------------------------------
-# Ch. Tsitouras, "Runge–Kutta pairs of order 5(4) satisfying only the first column
-# simplifying assumption", Comput. Math. Appl. 62 (2011) 770–775. FSAL: the last
-# stage is evaluated at the new state, as torchdiffeq's Dormand–Prince assumes.
-_TSIT5_B = [
-    0.09646076681806523,
-    0.01,
-    0.4798896504144996,
-    1.379008574103742,
-    -3.290069515436081,
-    2.324710524099774,
-    0.0,
-]
-_TSIT5_B_HAT = [
-    0.09468075576583945,
-    0.009183565540343254,
-    0.4877705284247616,
-    1.234297566930479,
-    -2.7077123499835256,
-    1.866628418170587,
-    1 / 66,
-]
-
-
-def _tsit5_dense_weights(theta: float) -> list[float]:
-    """Weights b_i(theta) of Tsitouras' continuous extension: y(t0 + theta dt) =
-    y0 + dt sum_i b_i(theta) k_i. torchdiffeq fits its quartic interpolant through
-    the state at theta = 1/2, so only that point is needed."""
-    t = theta
-    return [
-        -1.0530884977290216
-        * t
-        * (t - 1.3299890189751412)
-        * (t**2 - 1.4364028541716351 * t + 0.7139816917074209),
-        0.1017 * t**2 * (t**2 - 2.1966568338249754 * t + 1.2949852507374631),
-        2.490627285651252793 * t**2 * (t**2 - 2.38535645472061657 * t + 1.57803468208092486),
-        -16.54810288924490272 * (t - 1.21712927295533244) * (t - 0.61620406037800089) * t**2,
-        47.37952196281928122 * (t - 1.203071208372362603) * (t - 0.658047292653547382) * t**2,
-        -34.87065786149660974 * (t - 1.2) * (t - 0.666666666666666667) * t**2,
-        2.5 * (t - 1) * (t - 0.6) * t**2,
-    ]
-
-
-def _f64(values: Sequence[float]) -> Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
-class _Tsit5Solver(RKAdaptiveStepsizeODESolver):
-    order = 5
-    tableau = _ButcherTableau(
-        alpha=_f64([0.161, 0.327, 0.9, 0.9800255409045097, 1.0, 1.0]),
-        beta=[
-            _f64([0.161]),
-            _f64([-0.008480655492356989, 0.335480655492357]),
-            _f64([2.8971530571054935, -6.359448489975075, 4.3622954328695815]),
-            _f64(
-                [5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525]
-            ),
-            _f64(
-                [
-                    5.86145544294642,
-                    -12.92096931784711,
-                    8.159367898576159,
-                    -0.071584973281401,
-                    -0.028269050394068383,
-                ]
-            ),
-            _f64(_TSIT5_B[:-1]),
-        ],
-        c_sol=_f64(_TSIT5_B),
-        c_error=_f64([b - bh for b, bh in zip(_TSIT5_B, _TSIT5_B_HAT)]),
-    )
-    mid = _f64(_tsit5_dense_weights(0.5))
-
-
-_TORCHDIFFEQ_SOLVERS.setdefault("probdyn_tsit5", _Tsit5Solver)
-
-
 # -- one vocabulary, mapped onto torchdiffeq -----------------------------------------------
 class _Method(NamedTuple):
+    """What a solver name means to torchdiffeq."""
+
     torchdiffeq: str | None  # torchdiffeq's method name; None where it has no such solver
-    adaptive: bool
+    adaptive: bool  # probdyn.primitives.ode.ADAPTIVE
     # torchdiffeq reads the state at an output time off a quartic fitted through each
     # step. For dopri8 and bosh3 that fit is far less accurate than the step (errors
     # of 3e-7 at rtol = atol = 1e-10 on exponential decay), so those solvers step
@@ -125,20 +56,24 @@ class _Method(NamedTuple):
     instead: str = ""  # the nearest alternative, named in the error when it has none
 
 
-SOLVERS: dict[str, _Method] = {
-    "tsit5": _Method("probdyn_tsit5", True),
-    "dopri5": _Method("dopri5", True),
-    "dopri8": _Method("dopri8", True, step_to_times=True),
-    "bosh3": _Method("bosh3", True, step_to_times=True),
-    "kvaerno5": _Method(
-        None,
-        True,
-        instead="solver='dopri5' (explicit: on a stiff problem raise max_steps), or "
+# solver name -> _Method's fields other than ``adaptive`` (which ADAPTIVE gives).
+_TORCHDIFFEQ_METHODS: dict[str, dict[str, Any]] = {
+    "tsit5": {"torchdiffeq": tsit5.METHOD},
+    "dopri5": {"torchdiffeq": "dopri5"},
+    "dopri8": {"torchdiffeq": "dopri8", "step_to_times": True},
+    "bosh3": {"torchdiffeq": "bosh3", "step_to_times": True},
+    "kvaerno5": {
+        "torchdiffeq": None,
+        "instead": "solver='dopri5' (explicit: on a stiff problem raise max_steps), or "
         "probdyn.numpyro.NeuralODE, whose diffrax backend has the implicit Kvaerno5",
-    ),
-    "heun": _Method("heun2", False),
-    "midpoint": _Method("midpoint", False),
-    "euler": _Method("euler", False),
+    },
+    "heun": {"torchdiffeq": "heun2"},
+    "midpoint": {"torchdiffeq": "midpoint"},
+    "euler": {"torchdiffeq": "euler"},
+}
+SOLVERS: dict[str, _Method] = {
+    name: _Method(adaptive=adaptive, **_TORCHDIFFEQ_METHODS[name])
+    for name, adaptive in ADAPTIVE.items()
 }
 ADJOINTS: dict[str, Callable[..., Tensor] | None] = {
     "recursive": odeint,  # backpropagate through the solver's operations
@@ -146,7 +81,9 @@ ADJOINTS: dict[str, Callable[..., Tensor] | None] = {
     "forward": None,  # torchdiffeq's RK step is an autograd.Function with no jvp
 }
 
-_FAILURES = [0]
+# The Pyro backend's failed solves (NeuralODE's and NeuralSDE's); the NumPyro
+# backend has its own counter.
+_FAILURES = FailureCounter()
 
 
 def failed_solves() -> int:
@@ -157,7 +94,7 @@ def failed_solves() -> int:
         >>> failed_solves()
         0
     """
-    return _FAILURES[0]
+    return _FAILURES.count
 
 
 def reset_failed_solves() -> None:
@@ -166,11 +103,11 @@ def reset_failed_solves() -> None:
     Example:
         >>> reset_failed_solves()
     """
-    _FAILURES[0] = 0
+    _FAILURES.reset()
 
 
 class _StepLimit(RuntimeError):
-    pass
+    """A solve took more than ``max_steps`` steps."""
 
 
 class _Field(torch.nn.Module):
@@ -243,21 +180,8 @@ def _as_times(times: Any, like: Tensor) -> Tensor:
 
 
 def _check_times(t: Tensor, where: str) -> None:
-    if t.ndim != 1 or t.numel() == 0:
-        raise ValueError(
-            f"NeuralODE: {where} must be a non-empty 1-D array, got shape {tuple(t.shape)}."
-        )
-    v = t.cpu().numpy()
-    if not np.all(np.isfinite(v)):
-        raise ValueError(f"NeuralODE: {where} contains NaN or inf; remove those time points.")
-    steps = np.diff(v)
-    if np.any(steps <= 0):
-        i = int(np.argmax(steps <= 0))
-        kind = "duplicate" if steps[i] == 0 else "unsorted"
-        raise ValueError(
-            f"NeuralODE: {where} must be strictly increasing, but it has {kind} times "
-            f"({v[i]} then {v[i + 1]} at index {i}). Sort them and drop duplicates."
-        )
+    """`check_times` on a tensor of times."""
+    check_times(t.cpu().numpy(), where)
 
 
 def _union(t0: float, series: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -268,7 +192,7 @@ def _union(t0: float, series: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     return grid, [torch.searchsorted(grid, s) for s in series]
 
 
-class NeuralODE:
+class NeuralODE(NeuralODEBase):
     """Solve ``dz/dt = vector_field(t, z, args)`` with torchdiffeq.
 
     The solver vocabulary is shared with `probdyn.numpyro.NeuralODE` and mapped
@@ -344,30 +268,11 @@ class NeuralODE:
         torch.Size([5, 2])
     """
 
-    def __init__(
-        self,
-        vector_field: Callable[[Any, Any, Any], Any],
-        *,
-        solver: str = "tsit5",
-        rtol: float = 1e-6,
-        atol: float = 1e-6,
-        max_steps: int = 4096,
-        adjoint: str = "recursive",
-        dt0: float | None = None,
-        name: str = "ode",
-    ) -> None:
-        check_ode_args(
-            vector_field,
-            solver,
-            adjoint,
-            SOLVERS,
-            ADJOINTS,
-            adaptive=solver in SOLVERS and SOLVERS[solver].adaptive,
-            dt0=dt0,
-            max_steps=max_steps,
-            rtol=rtol,
-            atol=atol,
-        )
+    _solvers = SOLVERS
+    _adjoints = ADJOINTS
+
+    def _check_backend_options(self, solver: str, adjoint: str) -> None:
+        """Refuse the solver and the adjoint torchdiffeq lacks (kvaerno5, forward)."""
         if SOLVERS[solver].torchdiffeq is None:
             raise ValueError(
                 f"NeuralODE(solver={solver!r}): the Pyro backend (torchdiffeq) has no "
@@ -379,19 +284,6 @@ class NeuralODE:
                 "differentiated in forward mode. Use adjoint='recursive' (exact, the default) "
                 "or 'backsolve' (O(1) memory)."
             )
-        self.vector_field = vector_field
-        self.solver = solver
-        self.rtol, self.atol = rtol, atol
-        self.max_steps = max_steps
-        self.adjoint = adjoint
-        self.dt0 = dt0
-        self.name = name
-
-    def __repr__(self) -> str:
-        return (
-            f"NeuralODE(solver={self.solver!r}, rtol={self.rtol}, atol={self.atol}, "
-            f"max_steps={self.max_steps}, adjoint={self.adjoint!r})"
-        )
 
     # -- one solve --------------------------------------------------------------------
     def _options(self, grid: Tensor, batched: bool) -> dict[str, Any]:
@@ -465,25 +357,10 @@ class NeuralODE:
         t = torch.tensor(t0, dtype=z0.dtype, device=z0.device)
         with torch.no_grad():
             out = self.vector_field(t, z0, args)
-        out_shape = getattr(out, "shape", None)
-        if out_shape is not None and tuple(out_shape) != tuple(z0.shape):
-            raise ValueError(
-                f"NeuralODE: the vector field returns shape {tuple(out_shape)} for a state of "
-                f"shape {tuple(z0.shape)} (z0). They must match: check the network's "
-                "output size or z0's shape."
-            )
-
-    @staticmethod
-    def _check_t0(t0: np.ndarray, first: np.ndarray) -> None:
-        if np.any(t0 > first):
-            shown = t0 if t0.size > 1 else t0.item()
-            first_shown = first if first.size > 1 else first.item()
-            raise ValueError(
-                f"NeuralODE: t0={shown} is after the first observation time {first_shown}."
-            )
+        check_field_shape(getattr(out, "shape", None), tuple(z0.shape))
 
     def _report(self, failed: int, like: Tensor) -> None:
-        _FAILURES[0] += failed
+        _FAILURES.add(failed)
         if am_i_wrapped():
             log_factor = -torch.inf if failed else 0.0
             pyro.factor(
@@ -514,21 +391,17 @@ class NeuralODE:
             return torch.stack(self._many(state, rows, args, t0))
         _check_times(grid, "times")
         start = float(grid[0]) if t0 is None else _t0_values(t0, 1)[0]
-        self._check_t0(np.asarray(start), np.asarray(float(grid[0])))
+        check_t0(np.asarray(start), np.asarray(float(grid[0])), unwrap_scalars=True)
         self._check_shapes(state, start, args)
         (ys,), failed = self._solve_each(state[None], [grid], [start], args)
         self._report(failed, state)
         return ys
 
     def _many(self, z0: Tensor, series: list[Tensor], args: Any, t0: Any) -> list[Tensor]:
-        if z0.shape[:1] != (len(series),):
-            raise ValueError(
-                f"NeuralODE: times has {len(series)} series (rows) but z0 has leading "
-                f"dimension {tuple(z0.shape[:1])}; give one initial state per series."
-            )
+        check_series_count(len(series), tuple(z0.shape))
         firsts = np.array([float(t[0]) for t in series])
         t0s = firsts if t0 is None else _t0_values(t0, len(series))
-        self._check_t0(t0s, firsts)
+        check_t0(t0s, firsts, unwrap_scalars=True)
         self._check_shapes(z0[0], float(t0s[0]), args)
         if np.all(t0s == t0s[0]):
             ys, failed = self._solve_shared(z0, series, float(t0s[0]), args)

@@ -1,0 +1,79 @@
+"""The backend-neutral half of the NUTS and HMC runners (NumPy only).
+
+Where chains start (``init=``: a prior draw, the prior median, a MAP estimate or the
+draws of an earlier `Posterior`; the VI runners' autoguides follow the same
+`init_strategy`), and NUTS's tree depth read off the number of leapfrog steps. Each
+backend turns these into its own kernel's inputs (unconstrained values, tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from probdyn.core.posterior import Posterior
+
+__all__ = ["init_strategy", "posterior_starts", "tree_depth"]
+
+S = TypeVar("S")
+
+
+def init_strategy(
+    init: Any, sample: S, median: S, start: dict[str, Any] | None = None, value: Any = None
+) -> S:
+    """The PPL's init strategy for ``init=`` (of NUTS, HMC or VI's autoguides).
+
+    A given ``start`` (a MAP estimate, say) wins: ``value(values=start)``;
+    otherwise ``"sample"`` starts at a prior draw and anything else (``"median"``,
+    and ``"map"`` or a `Posterior`, whose starts the runner sets itself) at the
+    prior median.
+
+    Args:
+        init: the engine's ``init`` option.
+        sample: the PPL's ``init_to_sample``.
+        median: the PPL's ``init_to_median``.
+        start: constrained values to start at, or None.
+        value: the PPL's ``init_to_value`` (needed with a ``start``).
+
+    Example:
+        >>> init_strategy("sample", "S", "M")
+        'S'
+        >>> init_strategy("sample", "S", "M", {"mu": 0.0}, dict)
+        {'values': {'mu': 0.0}}
+    """
+    if start is not None:
+        return value(values=start)  # type: ignore[no-any-return]
+    return sample if init == "sample" else median
+
+
+def posterior_starts(
+    init: Posterior, latent: Sequence[str], num_chains: int
+) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """One start per chain from the posterior's draws, spread evenly over them, and
+    the posterior's params (which the chains keep fixed).
+
+    Raises:
+        ValueError: if the posterior has no draws of a latent site of the model.
+    """
+    missing = [s for s in latent if s not in init.samples]
+    if missing:
+        raise ValueError(
+            f"NUTS(init=Posterior): the initial posterior has no draws of site(s) {missing}; "
+            "it must come from a fit of the same model."
+        )
+    flat = init.draws(flatten=True)
+    idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
+    return [{s: flat[s][i] for s in latent} for i in idx], dict(init.params)
+
+
+def tree_depth(n_steps: np.ndarray) -> np.ndarray:
+    """NUTS's tree depth per draw, ``floor(log2(n_steps)) + 1`` (at least 1).
+
+    Example:
+        >>> tree_depth(np.array([1, 3, 7, 8]))
+        array([1, 2, 3, 4])
+    """
+    return np.floor(np.log2(np.maximum(n_steps, 1))).astype(np.int64) + 1  # type: ignore[no-any-return]
