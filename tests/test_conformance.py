@@ -99,8 +99,8 @@ ENGINES = {
         {"normal": "mean+sd", "blr": "mean+sd"},
     ),
     # Feynman-Kac streaming SMC targets the jittered (random-walk) model, not the
-    # static posterior; its exactness against a Kalman filter is in test_fksmc.py and
-    # test_fksmc_pyro.py.
+    # static posterior; its exactness against a Kalman filter is in test_fksmc.py (both
+    # backends).
     "smc-minibatch": (
         probdyn.SMC(
             num_particles=500, stream="minibatch", batch_size=5, num_epochs=2, progress_bar=False
