@@ -27,6 +27,33 @@ def _configure_jax() -> None:
         print(f"(compilation cache disabled: {err})", file=sys.stderr)
 
 
+# Seeds are used as seed, seed + 1 and seed + 2: below 2**31 they stay in the range
+# every backend takes as a key.
+_MAX_SEED = 2**31 - 1
+
+
+def _seed(text: str) -> int:
+    """The ``--seed`` argument: an integer in [0, 2**31 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"{value} is out of range: give an integer from 0 to {_MAX_SEED}"
+        )
+    return value
+
+
+def _make_out(command: str, out: str) -> str | None:
+    """Create the ``--out`` folder before any fitting; an error message if it cannot be."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        return f"probdyn {command}: --out {out!r}: cannot create the output folder ({err})."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``probdyn`` console script."""
     parser = argparse.ArgumentParser(prog="probdyn", description=__doc__)
@@ -43,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data", choices=["synthetic", "hare-lynx"], default="synthetic")
     demo.add_argument("--out", default="probdyn-demo", help="output folder")
     demo.add_argument("--quick", action="store_true", help="smoke-test sizes (seconds)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0, help="0 to 2**31 - 1")
     _add_compare_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
+        problem = _make_out("demo", args.out)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
         _configure_jax()
         from probdyn.demo._run import run_demo
 
@@ -107,7 +138,7 @@ def _add_compare_parser(sub: Any) -> None:
     )
     cmp.add_argument("--out", default="probdyn-compare", help="output folder")
     cmp.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--seed", type=_seed, default=0, help="0 to 2**31 - 1")
 
 
 def _compare_engines(names: list[str], quick: bool, backend: str) -> dict[str, Any]:
@@ -148,6 +179,10 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
         return 2
     engines = _compare_engines(list(dict.fromkeys(names)), args.quick, args.backend)
+    problem = _make_out("compare", args.out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         if args.model is None:
             result, plot_kwargs = _compare_demo(args, engines)
@@ -157,24 +192,45 @@ def _run_compare(args: argparse.Namespace) -> int:
         print(f"probdyn compare: {err}", file=sys.stderr)
         return 2
 
+    written, failed = _write_compare_outputs(result, args.out, plot_kwargs)
+    if written:
+        print("wrote " + ", ".join(written))
+    for name, trace in result.errors.items():
+        print(f"\n{name} failed:\n{trace}", file=sys.stderr)
+    for path, error in failed.items():
+        print(f"probdyn compare: could not write {path}: {error!r}", file=sys.stderr)
+    return 1 if result.errors or failed else 0
+
+
+def _write_compare_outputs(
+    result: Any, out: str, plot_kwargs: dict[str, Any]
+) -> tuple[list[str], dict[str, Exception]]:
+    """Write the table (CSV first: it needs nothing but the numbers), the markdown and
+    the figure, each on its own: one that fails does not keep the others from being
+    written. Returns the paths written and the errors by path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(args.out, exist_ok=True)
-    paths = {name: os.path.join(args.out, name) for name in _COMPARE_OUTPUTS}
-    markdown = result.to_markdown(paths["comparison.md"])
-    result.to_csv(paths["comparison.csv"])
-    plt.close(result.plot(path=paths["bands.png"], **plot_kwargs))
-    print(markdown)
-    print("wrote " + ", ".join(paths.values()))
-    for name, trace in result.errors.items():
-        print(f"\n{name} failed:\n{trace}", file=sys.stderr)
-    return 1 if result.errors else 0
+    paths = {name: os.path.join(out, name) for name in _COMPARE_OUTPUTS}
+    writers = {
+        "comparison.csv": lambda path: result.to_csv(path),
+        "comparison.md": lambda path: print(result.to_markdown(path)),
+        "bands.png": lambda path: plt.close(result.plot(path=path, **plot_kwargs)),
+    }
+    written: list[str] = []
+    failed: dict[str, Exception] = {}
+    for name in _COMPARE_OUTPUTS:
+        try:
+            writers[name](paths[name])
+            written.append(paths[name])
+        except Exception as err:
+            failed[paths[name]] = err
+    return written, failed
 
 
-_COMPARE_OUTPUTS = ("comparison.md", "comparison.csv", "bands.png")
+_COMPARE_OUTPUTS = ("comparison.csv", "comparison.md", "bands.png")
 
 
 def _compare_demo(args: argparse.Namespace, engines: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -248,6 +248,117 @@ def test_parallel_workers_give_the_serial_result() -> None:
         np.testing.assert_array_equal(parallel.truths[name], serial.truths[name])
 
 
+# A user's model file, edited between two runs: the same function name, another body.
+USER_MODELS = """
+import numpyro
+import numpyro.distributions as dist
+
+SCALE = {scale}
+
+
+def shift():
+    return {shift}
+
+
+def normal_model(y, prior_loc=0.0, prior_scale=2.0, noise=1.0):
+    mu = numpyro.sample("mu", dist.Normal(prior_loc + shift(), prior_scale * SCALE / 2.0))
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", dist.Normal(mu, noise), obs=y)
+"""
+
+NEW_BODY = """
+
+def normal_model(y, prior_loc=0.0, prior_scale=2.0, noise=1.0):
+    mu = numpyro.sample("mu", dist.Normal(prior_loc + 100.0, prior_scale))
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", dist.Normal(mu, noise), obs=y)
+"""
+
+
+def _user_model(scale: float = 2.0, shift: float = 0.0, body: str = "") -> Any:
+    namespace: dict[str, Any] = {"__name__": "user_models"}
+    exec(USER_MODELS.format(scale=scale, shift=shift) + body, namespace)
+    return namespace["normal_model"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"body": NEW_BODY},
+        {"shift": 100.0},  # a function the model calls
+        {"scale": 20.0},  # a module constant the model reads
+    ],
+    ids=["body", "called-function", "global-constant"],
+)
+def test_checkpoint_refuses_a_changed_model_of_the_same_name(
+    edit: dict[str, Any], tmp_path: Path
+) -> None:
+    # Before: the checkpoint recorded the model's name only, and a resumed run mixed
+    # the truths of the old prior (simulations 0-1) with the new one (2-3).
+    path = tmp_path / "sbc.json"
+    engine = ExactNormal(num_draws=20)
+
+    def run(model: Any, n: int) -> SBCResult:
+        return sbc(model, engine, n, args=ARGS, progress_bar=False, checkpoint=path)
+
+    first = run(_user_model(), 2)
+    CALLS[0] = 0
+    again = run(_user_model(), 3)  # the same code, defined anew: resumes
+    assert CALLS[0] == 1
+    np.testing.assert_array_equal(again.truths["mu"][:2], first.truths["mu"])
+    changed = _user_model(**edit)
+    assert changed.__module__ == "user_models" and changed.__qualname__ == "normal_model"
+    with pytest.raises(ValueError, match=r"written by a different model.*delete the file"):
+        run(changed, 4)
+    assert len(json.loads(path.read_text())["records"]) == 3  # left as it was
+
+
+def test_model_code_hash_is_the_same_in_another_process() -> None:
+    # A resumed run is another process: the hash must not depend on ids, addresses
+    # or the order of sets (PYTHONHASHSEED).
+    import os
+    import subprocess
+    import sys
+
+    from probdyn.diagnostics.sbc_checkpoint import code_sha256
+
+    script = (
+        "from probdyn.diagnostics.sbc_checkpoint import code_sha256\n"
+        "from probdyn.demo._run import run_demo\n"
+        "from probdyn.testing import normal_model\n"
+        "print(code_sha256(normal_model), code_sha256(run_demo))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    from probdyn.demo._run import run_demo
+
+    assert out == [code_sha256(normal_model), code_sha256(run_demo)]
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sbc.json"
+    engine = ExactNormal(num_draws=20)
+    _sbc(engine, 2, checkpoint=path)
+    before = path.read_text()
+
+    def partial_dump(data: Any, f: Any, **kwargs: Any) -> None:
+        f.write(json.dumps(data)[:20])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", partial_dump)
+    with pytest.raises(OSError, match="disk full"):
+        _sbc(engine, 3, checkpoint=path)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sbc.json"]
+    with pytest.raises(FileNotFoundError, match=r"sbc\(checkpoint=.*the directory .*missing"):
+        _sbc(engine, 1, checkpoint=tmp_path / "missing" / "sbc.json")
+
+
 # ------------------------------------------------------------------- plots
 def test_plots_return_figures_and_save(tmp_path: Path) -> None:
     from matplotlib.figure import Figure  # the plots build Figures without pyplot

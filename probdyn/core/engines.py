@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from probdyn.core.engine_base import (
     AbstractEngine,
     _check_choice,
+    _check_dense_mass,
     _check_positive_int,
     _check_positive_number,
     _check_probability,
@@ -32,6 +33,18 @@ _GUIDES = ("normal", "lowrank", "flow")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SMC_KERNELS = ("hmc", "mala", "rw")
 _SMC_STREAMS = ("tempered", "minibatch")
+
+
+def _check_mcmc(engine: NUTS | HMC) -> None:
+    """The fields NUTS and HMC share; stores ``dense_mass`` in its checked form."""
+    cls = type(engine).__name__
+    _check_positive_int(cls, "num_warmup", engine.num_warmup, allow_zero=True)
+    _check_positive_int(cls, "num_samples", engine.num_samples)
+    _check_positive_int(cls, "num_chains", engine.num_chains)
+    _check_probability(cls, "target_accept", engine.target_accept)
+    _check_choice(cls, "chain_method", engine.chain_method, _CHAIN_METHODS)
+    _check_init(cls, engine.init)
+    object.__setattr__(engine, "dense_mass", _check_dense_mass(cls, engine.dense_mass))
 
 
 def _check_init(cls: str, value: Any) -> None:
@@ -52,7 +65,11 @@ class NUTS(AbstractEngine):
     """The No-U-Turn Sampler (the PPL's own kernel, wrapped).
 
     Args:
-        num_warmup: adaptation steps per chain (step size and mass matrix).
+        num_warmup: adaptation steps per chain (step size and mass matrix); at least
+            1, and 100 or more in practice: without adaptation NUTS would run at step
+            size 1 with a unit mass matrix, and on most models every transition
+            diverges (use ``HMC(num_warmup=0, step_size=...)`` to sample at a step
+            size of your own).
         num_samples: draws kept per chain.
         num_chains: number of chains; the ``chain`` dimension of the posterior.
         target_accept: target mean acceptance probability during adaptation.
@@ -70,8 +87,15 @@ class NUTS(AbstractEngine):
             held at their MAP values) or a ``Posterior`` (for example a VI fit):
             chains start from its draws and its fitted deterministic parameters
             are held fixed.
-        dense_mass: adapt a dense mass matrix instead of a diagonal one.
+        dense_mass: ``True`` adapts one dense mass matrix instead of a diagonal one;
+            a list of tuples of latent site names, e.g. ``[("a", "b"), ("c",)]``, a
+            dense block per tuple (the other sites diagonal), as NumPyro's
+            ``dense_mass`` and Pyro's ``full_mass`` take it.
         progress_bar: show a progress bar.
+
+    Raises:
+        ValueError: for a field out of range (``num_warmup=0`` included).
+        TypeError: for ``dense_mass`` in any other form than those above.
 
     Example:
         >>> import probdyn
@@ -88,18 +112,21 @@ class NUTS(AbstractEngine):
     max_tree_depth: int = 10
     chain_method: str = "sequential"
     init: Any = "median"
-    dense_mass: bool = False
+    dense_mass: bool | tuple[tuple[str, ...], ...] = False
     progress_bar: bool = True
 
     def _validate(self) -> None:
         cls = type(self).__name__
-        _check_positive_int(cls, "num_warmup", self.num_warmup, allow_zero=True)
-        _check_positive_int(cls, "num_samples", self.num_samples)
-        _check_positive_int(cls, "num_chains", self.num_chains)
+        _check_mcmc(self)
         _check_positive_int(cls, "max_tree_depth", self.max_tree_depth)
-        _check_probability(cls, "target_accept", self.target_accept)
-        _check_choice(cls, "chain_method", self.chain_method, _CHAIN_METHODS)
-        _check_init(cls, self.init)
+        if self.num_warmup == 0:
+            raise ValueError(
+                f"{cls}(num_warmup=0): NUTS tunes its step size and mass matrix during "
+                "warmup; without it every transition uses step size 1 and a unit mass "
+                "matrix, and on most models diverges. Give num_warmup >= 100 (default "
+                "500), or HMC(num_warmup=0, step_size=...) to sample at a step size of "
+                "your own."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +145,19 @@ class HMC(AbstractEngine):
             the start, while NumPyro's default of ``2 pi`` returns close to the
             start (measured on a correlated linear regression: bulk ESS of 5-50
             per 1000 draws at ``2 pi`` against 300-1100 at ``pi / 2``).
-        step_size: initial step size (adapted during warmup).
+        step_size: initial step size, adapted during warmup (None: 1.0). With
+            ``num_warmup=0`` nothing is adapted: every draw uses this step size and a
+            unit mass matrix, so it must be given.
         target_accept: target mean acceptance probability during adaptation.
         chain_method: as for `NUTS`.
         init: as for `NUTS`.
-        dense_mass: adapt a dense mass matrix.
+        dense_mass: as for `NUTS`.
         progress_bar: show a progress bar.
+
+    Raises:
+        ValueError: for a field out of range (an infinite ``step_size`` included), or
+            ``num_warmup=0`` without a ``step_size``.
+        TypeError: for ``dense_mass`` in a form `NUTS` does not accept.
 
     Example:
         >>> import probdyn
@@ -138,29 +172,29 @@ class HMC(AbstractEngine):
     num_chains: int = 1
     num_steps: int | None = None
     trajectory_length: float | None = None
-    step_size: float = 1.0
+    step_size: float | None = None
     target_accept: float = 0.8
     chain_method: str = "sequential"
     init: Any = "median"
-    dense_mass: bool = False
+    dense_mass: bool | tuple[tuple[str, ...], ...] = False
     progress_bar: bool = True
 
     def _validate(self) -> None:
         cls = type(self).__name__
-        _check_positive_int(cls, "num_warmup", self.num_warmup, allow_zero=True)
-        _check_positive_int(cls, "num_samples", self.num_samples)
-        _check_positive_int(cls, "num_chains", self.num_chains)
+        _check_mcmc(self)
         if self.num_steps is not None:
             _check_positive_int(cls, "num_steps", self.num_steps)
-        if self.trajectory_length is not None and not float(self.trajectory_length) > 0:
+        if self.trajectory_length is not None:
+            _check_positive_number(cls, "trajectory_length", self.trajectory_length)
+        if self.step_size is not None:
+            _check_positive_number(cls, "step_size", self.step_size)
+        elif self.num_warmup == 0:
             raise ValueError(
-                f"{cls}(trajectory_length={self.trajectory_length!r}): must be positive."
+                f"{cls}(num_warmup=0) without step_size: the step size is adapted during "
+                "warmup only, so with none every draw would use step size 1.0 whatever "
+                "the model's scale. Give num_warmup >= 100, or the step size to use, "
+                "e.g. HMC(num_warmup=0, step_size=0.1)."
             )
-        if not float(self.step_size) > 0:
-            raise ValueError(f"{cls}(step_size={self.step_size!r}): must be positive.")
-        _check_probability(cls, "target_accept", self.target_accept)
-        _check_choice(cls, "chain_method", self.chain_method, _CHAIN_METHODS)
-        _check_init(cls, self.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +217,10 @@ class VI(AbstractEngine):
             with the model's and kept in ``Posterior.params``; ``rank`` and ``init``
             do not apply to it.
         num_steps: optimisation steps.
-        learning_rate: Adam's initial learning rate.
+        learning_rate: Adam's initial learning rate. Too large a rate makes the loss
+            non-finite: a run whose loss is NaN or inf at its last step raises a
+            ``FloatingPointError`` naming the step where it became so (earlier
+            non-finite steps alone are skipped on NumPyro and only recorded).
         num_particles: Monte-Carlo samples per ELBO estimate.
         num_draws: draws from the fitted guide.
         rank: rank of the ``"lowrank"`` guide (None: the PPL's default).
@@ -227,8 +264,7 @@ class VI(AbstractEngine):
         _check_positive_int(cls, "num_draws", self.num_draws)
         if self.rank is not None:
             _check_positive_int(cls, "rank", self.rank)
-        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
-            raise ValueError(f"{cls}(learning_rate={self.learning_rate!r}): must be positive.")
+        _check_positive_number(cls, "learning_rate", self.learning_rate)
         frac = self.final_learning_rate_fraction
         if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise ValueError(f"{cls}(final_learning_rate_fraction={frac!r}): must be in (0, 1].")
@@ -266,7 +302,9 @@ class Ensemble(AbstractEngine):
         num_members: ensemble size (the draws of the posterior).
         num_steps: optimisation steps per member.
         learning_rate: initial learning rate; it decays exponentially to
-            ``final_learning_rate_fraction`` of itself over the run.
+            ``final_learning_rate_fraction`` of itself over the run. If every member
+            ends at a non-finite loss the run raises a ``FloatingPointError``; if some
+            do, it warns and keeps them.
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
         init_scale: standard deviation of the random initialisation around the
             prior median, in unconstrained space (0: every member starts at the
@@ -408,6 +446,12 @@ class SMC(AbstractEngine):
     def _validate(self) -> None:
         cls = type(self).__name__
         _check_positive_int(cls, "num_particles", self.num_particles)
+        if self.num_particles < 2:
+            raise ValueError(
+                f"{cls}(num_particles={self.num_particles!r}): SMC needs at least 2 particles "
+                "(it reweights and resamples them, and preconditions its moves by their "
+                "variance); use hundreds, e.g. num_particles=1000."
+            )
         _check_choice(cls, "kernel", self.kernel, _SMC_KERNELS)
         _check_positive_int(cls, "num_mcmc_steps", self.num_mcmc_steps)
         _check_probability(cls, "target_ess", self.target_ess)

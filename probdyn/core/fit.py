@@ -7,8 +7,10 @@ from typing import Any
 
 from probdyn.core.backends import backend_names, engine_variant, get_backend, get_runner
 from probdyn.core.engines import VI, AbstractEngine
-from probdyn.core.posterior import Posterior
+from probdyn.core.locking import model_call
+from probdyn.core.posterior import Posterior, check_inputs
 from probdyn.data._tasks import TaskStream, stream_rng
+from probdyn.engines.checks import explained
 
 __all__ = ["detect_backend", "fit"]
 
@@ -22,6 +24,12 @@ def fit(
     **kwargs: Any,
 ) -> Posterior:
     """Fit a posterior of ``model`` with ``engine``.
+
+    Thread safety: NumPyro's and Pyro's effect handlers live on one stack per process,
+    so `fit`, `Posterior.predict` and `Posterior.log_likelihood_at` hold one
+    process-wide lock (`probdyn.core.locking.model_lock`). Calls from several threads
+    are safe and run one at a time, each giving the same draws as alone; for fits in
+    parallel, use processes.
 
     Args:
         model: a plain NumPyro (or, with the Pyro backend, Pyro) model function.
@@ -40,9 +48,15 @@ def fit(
         A `Posterior`.
 
     Raises:
-        TypeError: if ``engine`` is not an engine config.
-        ValueError: if the backend cannot be told from the model, or observed
-            data contains NaN or inf.
+        TypeError: if ``engine`` is not an engine config; an argument is another
+            backend's array (a torch tensor given to a NumPyro model, a JAX array to
+            a Pyro model); a ``sample`` statement is given a distribution class
+            instead of an instance.
+        ValueError: if the backend cannot be told from the model, or the model uses
+            both NumPyro and Pyro; observed data contains NaN or inf, or would be
+            broadcast against its distribution (a ``(10, 1)`` column against a
+            ``(10,)`` mean); the model fails on an input holding NaN or inf. Each
+            message names the argument (``fit(y=...)``) or site.
 
     Example:
         >>> import numpy as np, numpyro, numpyro.distributions as dist, probdyn
@@ -62,15 +76,22 @@ def fit(
     if not callable(model):
         raise TypeError(f"fit(model={model!r}): the model must be a callable model function.")
     _check_stream(args, engine)
-    if backend is None:
-        probe_args, probe_kwargs = args, kwargs
-        if args and isinstance(args[0], TaskStream):
-            probe_args, probe_kwargs = (), {**args[0].draw(stream_rng(0)), **kwargs}
-        backend = detect_backend(model, probe_args, probe_kwargs)
-    elif backend not in backend_names():
-        raise ValueError(f"fit(backend={backend!r}): choose one of {', '.join(backend_names())}.")
-    runner = get_runner(engine, backend, engine_variant(engine, args))
-    return runner(model, args, kwargs, engine, key)
+    with model_call("fit", model, args, kwargs) as labelled:
+        if backend is None:
+            probe_args, probe_kwargs = args, kwargs
+            if args and isinstance(args[0], TaskStream):
+                probe_args, probe_kwargs = (), {**args[0].draw(stream_rng(0)), **kwargs}
+            backend = detect_backend(model, probe_args, probe_kwargs)
+        elif backend not in backend_names():
+            raise ValueError(
+                f"fit(backend={backend!r}): choose one of {', '.join(backend_names())}."
+            )
+        else:
+            _check_one_ppl(model, backend)
+        check_inputs(backend, labelled)
+        runner = get_runner(engine, backend, engine_variant(engine, args))
+        with explained(labelled):
+            return runner(model, args, kwargs, engine, key)
 
 
 def _check_stream(args: tuple[Any, ...], engine: AbstractEngine) -> None:
@@ -135,28 +156,64 @@ def _backend_of(module: str) -> str | None:
     return None
 
 
+def _static_backends(model: Callable[..., Any]) -> dict[str, list[str]]:
+    """Backend -> the modules of it that the model's code refers to."""
+    found: dict[str, list[str]] = {}
+    for module in sorted(_referenced_modules(model)):
+        if b := _backend_of(module):
+            found.setdefault(b, []).append(module)
+    return found
+
+
+def _both(model: Callable[..., Any], how: str) -> ValueError:
+    return ValueError(
+        f"fit(model={getattr(model, '__name__', model)!r}): the model uses both NumPyro and "
+        f"Pyro ({how}). A model is fitted by one PPL, and the other's sample statements would "
+        "be silently left out: write the model with one PPL's primitives."
+    )
+
+
+def _check_one_ppl(model: Callable[..., Any], backend: str) -> None:
+    """With ``backend=`` given: raise if the model's code refers to another PPL."""
+    found = _static_backends(model)
+    if not set(found) - {backend}:
+        return
+    how = "; ".join(f"{b}: {', '.join(m)}" for b, m in found.items())
+    if backend in found:
+        raise _both(model, f"its code refers to {how}")
+    raise ValueError(
+        f"fit(backend={backend!r}): the model's code refers to {how}, not to {backend}; "
+        "pass the backend it is written for, or leave backend= out to detect it."
+    )
+
+
 def detect_backend(
     model: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
 ) -> str:
     """Tell which PPL a model function is written in.
 
     First from the modules its code refers to (directly or through the functions
-    it calls); if that names both PPLs or neither, by tracing the model once
-    under each PPL that is already imported. Never a guess: ambiguity raises.
+    it calls); if that names neither PPL, by tracing the model once under each PPL
+    that is already imported. Never a guess: ambiguity raises.
 
     Raises:
-        ValueError: if the model uses both PPLs or neither can be found.
+        ValueError: if the model's code refers to both PPLs, tracing finds sample
+            sites under both, or neither can be found.
     """
-    found = {b for m in _referenced_modules(model) if (b := _backend_of(m))}
+    found = _static_backends(model)
+    if len(found) > 1:
+        how = "; ".join(f"{b}: {', '.join(m)}" for b, m in found.items())
+        raise _both(model, f"its code refers to {how}")
     if len(found) == 1:
-        return found.pop()
-    traced = {b for b in backend_names() if _traces_sites(b, model, args, kwargs or {})}
+        return next(iter(found))
+    traced = [b for b in backend_names() if _traces_sites(b, model, args, kwargs or {})]
     if len(traced) == 1:
-        return traced.pop()
-    what = "both NumPyro and Pyro" if len(found | traced) > 1 else "neither NumPyro nor Pyro"
+        return traced[0]
+    if len(traced) > 1:
+        raise _both(model, f"a run records sample sites under {' and '.join(traced)}")
     raise ValueError(
         f"fit(model={getattr(model, '__name__', model)!r}): cannot tell the backend; the model "
-        f"seems to use {what}. Pass backend='numpyro' or backend='pyro'."
+        "seems to use neither NumPyro nor Pyro. Pass backend='numpyro' or backend='pyro'."
     )
 
 

@@ -14,15 +14,28 @@ loaded one gets it from ``probdyn.load(path, model=...)`` or ``with_model``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from probdyn.core.backends import get_backend
+from probdyn.core.locking import argument_labels, model_call, model_lock
+from probdyn.engines.checks import explained
 
-__all__ = ["Posterior"]
+__all__ = ["Posterior", "check_inputs"]
+
+
+def check_inputs(backend: str, labelled: list[tuple[str, Any]]) -> None:
+    """The backend's check of a model's (labelled) arguments, e.g. no torch tensor for
+    a NumPyro model; a backend without the ``check_inputs`` service checks nothing."""
+    try:
+        check = get_backend(backend).service("check_inputs")
+    except NotImplementedError:
+        return
+    check(labelled)
 
 
 @dataclasses.dataclass(eq=False)
@@ -179,7 +192,12 @@ class Posterior:
         Raises:
             RuntimeError: if no model is attached (e.g. after `probdyn.load`).
             ValueError: ``context`` or ``num_draws`` on a posterior that is not
-                amortised, or a malformed ``context``.
+                amortised, or a malformed ``context``; the model fails on an input
+                shaped unlike at fit past its first dimension (``x`` of shape ``(5,)``
+                for a model fitted with ``(10, 1)``) or holding NaN or inf (the
+                message names it: ``predict(x=...)``).
+            TypeError: an argument is another backend's array (a torch tensor for a
+                NumPyro model, a JAX array for a Pyro model).
 
         Example:
             >>> pred = post.predict(t_new, key=1, sites=["y"])  # doctest: +SKIP
@@ -192,7 +210,8 @@ class Posterior:
         # Each backend's ``predict`` service has the same signature
         # ``predict(post, args, kwargs, *, key, sites, num_draws)``.
         predict = get_backend(self.backend).service("predict")
-        out = predict(self, args, kwargs, key=key, sites=sites, num_draws=n)
+        with self._checked("predict", args, kwargs):
+            out = predict(self, args, kwargs, key=key, sites=sites, num_draws=n)
         return squeeze(out)
 
     def log_likelihood_at(
@@ -226,13 +245,18 @@ class Posterior:
 
         Raises:
             RuntimeError: if no model is attached (e.g. after `probdyn.load`).
+            ValueError: if the held-out observations would be broadcast against the
+                model's distribution for them (``y[:1]`` where the model predicts 10
+                values), or as for `predict`.
+            TypeError: as for `predict`.
 
         Example:
             >>> ll = post.log_likelihood_at(x_test, y_test)  # doctest: +SKIP
             >>> ll["y"].shape  # (chain, draw, len(y_test))  # doctest: +SKIP
         """
         args, kwargs, n, squeeze = self._amortized_call(args, kwargs, context, num_draws)
-        _, loglik, _ = self._forward_draws(args, kwargs, key, num_draws=n)
+        with self._checked("log_likelihood_at", args, kwargs):
+            _, loglik, _ = self._forward_draws(args, kwargs, key, num_draws=n)
         if not loglik:
             raise ValueError(
                 "log_likelihood_at: the model has no observed sites for these arguments; "
@@ -246,6 +270,18 @@ class Posterior:
                 "This Posterior has no model attached (it was probably loaded from a file). "
                 "Call posterior.with_model(model) or probdyn.load(path, model=model) first."
             )
+
+    @contextlib.contextmanager
+    def _checked(self, verb: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+        """Run a model call as entry point ``verb``: arguments of another backend's
+        array type refused, and a failure explained by an argument named (`explained`)."""
+        self._require_model()
+        assert self.model is not None
+        with model_call(verb, self.model, args, kwargs) as labelled:
+            check_inputs(self.backend, labelled)
+            fitted = argument_labels(self.model, self.model_args, self.model_kwargs)
+            with explained(labelled, fitted):
+                yield
 
     def _amortized_call(
         self,
@@ -295,16 +331,17 @@ class Posterior:
         forward_draws = get_backend(self.backend).service("forward_draws")
         latent = set(self.attrs.get("latent_sites", self.samples))
         out: tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
-        out = forward_draws(
-            self.model,
-            args,
-            kwargs,
-            self.samples,
-            self.params,
-            key,
-            latent=latent,
-            num_draws=num_draws,
-        )
+        with model_lock:  # also for probdyn.compare, which calls this directly
+            out = forward_draws(
+                self.model,
+                args,
+                kwargs,
+                self.samples,
+                self.params,
+                key,
+                latent=latent,
+                num_draws=num_draws,
+            )
         return out
 
     # -- summaries and conversion ------------------------------------------------
@@ -338,7 +375,17 @@ class Posterior:
         return to_inference_data(self)
 
     def save(self, path: str) -> None:
-        """Write the posterior to a netCDF file (no pickle). Load with `probdyn.load`."""
+        """Write the posterior to a netCDF file (no pickle). Load with `probdyn.load`.
+
+        The file is written beside ``path`` and renamed onto it, so an existing file
+        is replaced only by a complete one: if writing fails, it is left as it was.
+        Site and param names HDF5 cannot hold (with a ``/``) are stored escaped and
+        read back as they were.
+
+        Raises:
+            FileNotFoundError: if the directory of ``path`` does not exist.
+            IsADirectoryError: if ``path`` is a directory.
+        """
         from probdyn.core.io import save
 
         save(self, path)

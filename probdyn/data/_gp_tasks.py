@@ -18,6 +18,8 @@ from typing import Literal
 
 import numpy as np
 
+from probdyn.engines.keys import int_key
+
 __all__ = ["GPPredictive", "GPTaskBatch", "gp_oracle", "gp_tasks", "mean_log_likelihood"]
 
 Kernel = Literal["rbf", "matern52", "periodic"]
@@ -111,15 +113,22 @@ def _covariance(
     return var * np.exp(-2.0 * s**2)
 
 
-def _as_rng(key: int | np.random.Generator) -> np.random.Generator:
+def _as_rng(key: int | np.random.Generator, arg: str = "key") -> np.random.Generator:
+    """A NumPy generator from a data set's seed: a Generator is used (and advanced) as
+    given; an int must follow probdyn's one rule for int keys (`probdyn.engines.keys`),
+    in ``[0, 2**64)``, NumPy integers included, bools refused."""
     if isinstance(key, np.random.Generator):
         return key
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return np.random.default_rng(int(key))
-    raise TypeError(
-        f"key={key!r} is not a seed; pass an int or a numpy.random.Generator, "
-        "e.g. key=0 or key=np.random.default_rng(0)."
-    )
+    try:
+        seed = int_key(key)
+    except ValueError as err:
+        raise ValueError(str(err).replace("key", arg)) from None
+    if seed is None:
+        raise TypeError(
+            f"{arg}={key!r} is not a seed; pass an int or a numpy.random.Generator, "
+            f"e.g. {arg}=0 or {arg}=np.random.default_rng(0)."
+        )
+    return np.random.default_rng(seed)
 
 
 def _check_sizes(num_tasks: int, min_context: int, max_context: int, max_points: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from probdyn.data._gp_tasks import _as_rng
 from probdyn.primitives.sde import time_grid
 
 __all__ = ["stochastic_lorenz"]
@@ -38,7 +39,7 @@ def stochastic_lorenz(
     Returns:
         ``(num_series, len(times), 3)``, unnormalised and noise-free.
     """
-    rng = np.random.default_rng(seed)
+    rng = _as_rng(seed, "seed")
     out_t = np.asarray(times, dtype=np.float64)
     grid, index = time_grid(0.0, out_t, dt, 10**7)
     s = rng.standard_normal((num_series, 3))

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from probdyn.data._gp_tasks import _as_rng
+
 __all__ = [
     "HARE_LYNX",
     "PredatorPreyData",
@@ -140,7 +142,7 @@ def synthetic_predator_prey(
         >>> data.y_train.shape, data.y_test.shape
         ((16, 2), (8, 2))
     """
-    rng = np.random.default_rng(seed)
+    rng = _as_rng(seed, "seed")
     t_tr = np.sort(np.concatenate([[0.0], rng.uniform(0.0, t_train, num_train - 1)]))
     t_te = np.sort(rng.uniform(t_train, t_end, num_test))
     t_grid = np.linspace(0.0, t_end, 201)

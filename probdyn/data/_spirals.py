@@ -22,6 +22,8 @@ from typing import Literal
 
 import numpy as np
 
+from probdyn.data._gp_tasks import _as_rng
+
 __all__ = ["SpiralData", "spirals"]
 
 ClockwiseRadius = Literal["archimedean", "torchdiffeq"]
@@ -191,7 +193,7 @@ def spirals(
         raise ValueError(
             f"spirals(clockwise_radius={clockwise_radius!r}): use 'archimedean' or 'torchdiffeq'."
         )
-    rng = key if isinstance(key, np.random.Generator) else np.random.default_rng(key)
+    rng = _as_rng(key)
     grid, ccw, cw = _trajectories(num_total, clockwise_radius=clockwise_radius)
     start = rng.integers(window, num_total - 2 * window + 1, size=num_series)
     clockwise = rng.random(num_series) < 0.5

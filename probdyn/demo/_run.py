@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from probdyn.calibration import calibration_table, interval
+from probdyn.core.io import atomic_write
 from probdyn.data import PredatorPreyData, hare_lynx, synthetic_predator_prey
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -105,8 +106,15 @@ def run_demo(
 
     Writes ``posterior.nc``, ``predictive.png``, ``calibration.csv`` and
     ``summary.csv`` to ``out``. Returns the posterior, the tables and the paths.
+
+    Raises:
+        ValueError: for a ``seed`` that is not an integer from 0 to 2**31 - 1.
     """
     import probdyn
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+        raise ValueError(f"run_demo(seed={seed!r}): give an integer from 0 to 2**31 - 1.")
+    seed = int(seed)
 
     say = print if verbose else (lambda *a, **k: None)
     settings = DemoSettings.quick(backend) if quick else DemoSettings()
@@ -150,9 +158,11 @@ def run_demo(
         "calibration": os.path.join(out, "calibration.csv"),
         "summary": os.path.join(out, "summary.csv"),
     }
+    # Each file is written beside its path and renamed onto it: a failed write
+    # leaves the previous run's file as it was.
     post.save(paths["posterior"])
-    table.to_csv(paths["calibration"])
-    summary.to_csv(paths["summary"])
+    atomic_write(paths["calibration"], table.to_csv, where="probdyn demo: --out ...")
+    atomic_write(paths["summary"], summary.to_csv, where="probdyn demo: --out ...")
     plot_predictive(dataset, pred, paths["plot"], title=f"{dataset.name} — {engine.upper()}")
     say("wrote " + ", ".join(paths.values()))
     return {
@@ -199,5 +209,7 @@ def plot_predictive(
     axes[0].legend(fontsize=7, ncol=3, loc="upper left")
     axes[1].set_xlabel("time")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), where="plot_predictive(path=...)")
+    finally:
+        plt.close(fig)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from probdyn.core.engines import AbstractEngine
+from probdyn.core.io import write_output
 from probdyn.core.posterior import Posterior
 from probdyn.diagnostics.compare_args import _Binder, _short, _to_numpy
 from probdyn.diagnostics.compare_score import _progress_line, _run_one
@@ -71,7 +72,9 @@ class Comparison:
         """The table as GitHub-flavoured markdown (no ``tabulate`` needed).
 
         Numbers get ``digits`` significant digits without exponents where
-        possible; undefined entries print as ``n/a``.
+        possible; undefined entries print as ``n/a``, infinite ones as ``inf`` or
+        ``-inf``. The file is written beside ``path`` and renamed onto it, so a
+        failed write leaves an existing file as it was.
 
         Args:
             path: also write the markdown to this file.
@@ -79,16 +82,34 @@ class Comparison:
 
         Returns:
             The markdown text.
+
+        Raises:
+            FileNotFoundError: if the directory of ``path`` does not exist.
         """
         text = format_markdown(self.table, digits=digits)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
+
+            def write(target: str) -> None:
+                with open(target, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+
+            write_output(path, write, "Comparison.to_markdown(path=...)")
         return text
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the table to a CSV file (full precision, empty cells for NaN)."""
-        self.table.to_csv(path, index_label="name")
+        """Write the table to a CSV file (full precision, empty cells for NaN).
+
+        The file is written beside ``path`` and renamed onto it, so a failed write
+        leaves an existing file as it was.
+
+        Raises:
+            FileNotFoundError: if the directory of ``path`` does not exist.
+        """
+        write_output(
+            path,
+            lambda target: self.table.to_csv(target, index_label="name"),
+            "Comparison.to_csv(path=...)",
+        )
 
     def plot(
         self,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from probdyn import calibration
+from probdyn.core.io import write_output
 from probdyn.diagnostics.compare_args import _Binder, _to_numpy
 
 if TYPE_CHECKING:
@@ -73,7 +74,13 @@ def _plot_bands(
     axes[0, 0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        try:
+            write_output(
+                path, lambda target: fig.savefig(target, dpi=120), "Comparison.plot(path=...)"
+            )
+        except BaseException:
+            plt.close(fig)
+            raise
     return fig
 
 

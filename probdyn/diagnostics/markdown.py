@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 def format_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
     """A DataFrame as a GitHub-flavoured markdown table, index first.
 
+    NaN prints as ``n/a``, infinities as ``inf`` and ``-inf``.
+
     Example:
         >>> import pandas as pd
         >>> table = pd.DataFrame({"a": [1.23456, float("nan")]}, index=["x", "y"])
@@ -53,13 +55,17 @@ def _cell(value: Any, digits: int, whole: bool) -> str:
     if isinstance(value, (int, float, np.integer, np.floating)):
         if math.isnan(float(value)):
             return "n/a"
-        return str(int(value)) if whole else _number(float(value), digits)
+        if whole and math.isfinite(float(value)):
+            return str(int(value))
+        return _number(float(value), digits)
     return _escape(str(value))
 
 
 def _number(value: float, digits: int) -> str:
-    if math.isinf(value) or value == 0:
-        return str(value) if value else "0"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
     magnitude = math.floor(math.log10(abs(value)))
     if magnitude < -3:
         return f"{value:.{max(digits - 1, 0)}e}"

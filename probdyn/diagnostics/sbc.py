@@ -96,9 +96,9 @@ def sbc(
         backend: ``"numpyro"`` or ``"pyro"``; detected from the model when omitted.
         progress_bar: show a progress bar over the simulations (the engine's own
             bar is turned off).
-        checkpoint: a JSON file path. Each finished simulation is written there;
-            a rerun with the same path (and the same settings) skips them, and a
-            larger ``num_simulations`` extends the run.
+        checkpoint: a JSON file path. Each finished simulation is written there
+            (atomically); a rerun with the same path (and the same settings and
+            model code) skips them, and a larger ``num_simulations`` extends the run.
         num_workers: fits run in this many processes (``spawn`` context: JAX is
             not fork-safe). Each process imports the backend and compiles its own
             programs, so this pays off when a fit takes more than a few seconds.
@@ -113,7 +113,9 @@ def sbc(
             model that cannot be pickled when ``num_workers > 1``.
         ValueError: for bad counts, unknown sites, a model without observed
             sites, observations that cannot be matched to an argument, or a
-            checkpoint written by a different run.
+            checkpoint written by a different run (other settings, or a model
+            whose code has changed since).
+        FileNotFoundError: for a ``checkpoint`` in a directory that does not exist.
 
     Example:
         >>> import numpy as np, probdyn

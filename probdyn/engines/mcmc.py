@@ -2,13 +2,15 @@
 
 Where chains start (``init=``: a prior draw, the prior median, a MAP estimate or the
 draws of an earlier `Posterior`; the VI runners' autoguides follow the same
-`init_strategy`), and NUTS's tree depth read off the number of leapfrog steps. Each
-backend turns these into its own kernel's inputs (unconstrained values, tensors).
+`init_strategy`), what to say when no start is valid because the model's ODE or SDE
+solves all fail there (`init_failure_error`), and NUTS's tree depth read off the
+number of leapfrog steps. Each backend turns these into its own kernel's inputs
+(unconstrained values, tensors).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -16,7 +18,17 @@ import numpy as np
 if TYPE_CHECKING:
     from probdyn.core.posterior import Posterior
 
-__all__ = ["init_strategy", "posterior_starts", "tree_depth"]
+__all__ = [
+    "failed_solve_names",
+    "init_failure_error",
+    "init_strategy",
+    "posterior_starts",
+    "tree_depth",
+]
+
+# NeuralODE and NeuralSDE name the factor site that rejects their failed solves
+# f"{name}{FAILED_SUFFIX}" (-inf when a solve failed, 0 otherwise).
+FAILED_SUFFIX = ".failed"
 
 S = TypeVar("S")
 
@@ -77,3 +89,56 @@ def tree_depth(n_steps: np.ndarray) -> np.ndarray:
         array([1, 2, 3, 4])
     """
     return np.floor(np.log2(np.maximum(n_steps, 1))).astype(np.int64) + 1  # type: ignore[no-any-return]
+
+
+def failed_solve_names(log_factors: Mapping[str, Any]) -> list[str]:
+    """The ODE/SDE primitives whose failed-solve factor is -inf.
+
+    Args:
+        log_factors: a model trace's factor sites, name -> log factor (any
+            array-like; -inf anywhere in it means a failed solve).
+
+    Returns:
+        The primitives' names (the ``name=`` given to `NeuralODE`/`NeuralSDE`),
+        in trace order.
+
+    Example:
+        >>> failed_solve_names({"pk.failed": -np.inf, "sde.failed": 0.0, "prior": -np.inf})
+        ['pk']
+    """
+    return [
+        site[: -len(FAILED_SUFFIX)]
+        for site, value in log_factors.items()
+        if site.endswith(FAILED_SUFFIX) and bool(np.any(np.asarray(value) == -np.inf))
+    ]
+
+
+def init_failure_error(engine: str, failed: Sequence[str]) -> RuntimeError:
+    """The error for a sampler that found no valid start because solves failed there.
+
+    Args:
+        engine: the engine's class name (``"NUTS"``, ``"HMC"``).
+        failed: the names of the ODE/SDE primitives whose solves all failed at the
+            initial point (`failed_solve_names`).
+
+    Returns:
+        A RuntimeError naming each primitive and its factor site and saying what to
+        try (the caller raises it from the PPL's own error).
+
+    Example:
+        >>> message = str(init_failure_error("NUTS", ["pk"]))
+        >>> "every solve of the ODE/SDE 'pk' (factor site 'pk.failed') failed" in message
+        True
+    """
+    names = ", ".join(repr(n) for n in failed)
+    sites = ", ".join(repr(n + FAILED_SUFFIX) for n in failed)
+    plural = "s" if len(failed) > 1 else ""
+    return RuntimeError(
+        f"{engine} could not find valid initial parameters: every solve of the ODE/SDE "
+        f"{names} (factor site{plural} {sites}) failed at the initial point(s) tried.\n"
+        "A solve fails when it reaches max_steps or its state becomes NaN or inf. Try: a "
+        "stiff solver (NeuralODE(solver='kvaerno5'), NumPyro backend) or a larger "
+        "max_steps (or looser rtol/atol); priors that keep the rates where the equations "
+        f"can be integrated; or another start ({engine}(init='sample'), init='map', or "
+        "init=<a Posterior of the same model>)."
+    )

@@ -13,7 +13,8 @@ from numpyro.distributions.distribution import Unit
 from numpyro.primitives import Messenger
 
 from probdyn.core.assemble import package_versions
-from probdyn.engines.checks import check_finite_observed
+from probdyn.engines.checks import check_observed_sites, distribution_class_error
+from probdyn.engines.keys import int_key
 
 __all__ = ["as_key", "check_observed", "seed_record", "trace_model", "versions"]
 
@@ -25,9 +26,22 @@ class ConcreteValueError(ValueError):
 
 
 def as_key(key: Any) -> jax.Array:
-    """An int seed or a JAX key -> a JAX PRNG key (raw uint32 layout)."""
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.PRNGKey(int(key))
+    """An int seed or a JAX key -> a JAX PRNG key (raw uint32 layout).
+
+    A seed below ``2**32`` gives ``jax.random.PRNGKey(seed)``, as it always has; a
+    larger one (up to ``2**64``, see `probdyn.engines.keys`) the raw key ``[hi, lo]``
+    of its two 32-bit halves, which is what ``PRNGKey`` gives with 64-bit JAX (without
+    it, ``PRNGKey`` keeps the low half only, so ``2**32`` would repeat seed 0).
+
+    Raises:
+        ValueError: for an int seed outside ``[0, 2**64)``.
+        TypeError: for anything else than an int seed or a JAX key.
+    """
+    seed = int_key(key)
+    if seed is not None:
+        if seed < 2**32:
+            return jax.random.PRNGKey(seed)
+        return jnp.asarray([seed >> 32, seed & 0xFFFFFFFF], dtype=jnp.uint32)
     if isinstance(key, jax.Array):
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             return jax.random.key_data(key)
@@ -38,16 +52,27 @@ def as_key(key: Any) -> jax.Array:
 
 def seed_record(key: Any) -> Any:
     """A JSON-friendly record of the key, for the posterior's metadata."""
-    if isinstance(key, (int, np.integer)):
-        return int(key)
+    seed = int_key(key)
+    if seed is not None:
+        return seed
     return [int(v) for v in np.asarray(as_key(key)).ravel()]
 
 
 def trace_model(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], key: Any = 0
 ) -> dict[str, Any]:
-    """Run the model once under a seed and return its trace."""
-    return handlers.trace(handlers.seed(model, as_key(key))).get_trace(*args, **kwargs)
+    """Run the model once under a seed and return its trace.
+
+    Raises:
+        TypeError: naming the site, for a distribution class given to ``sample``.
+    """
+    try:
+        return handlers.trace(handlers.seed(model, as_key(key))).get_trace(*args, **kwargs)
+    except TypeError as err:
+        better = distribution_class_error(err, "numpyro.primitives")
+        if better is None:
+            raise
+        raise better from err
 
 
 def is_factor(site: dict[str, Any]) -> bool:
@@ -63,9 +88,16 @@ def observed_sites(trace: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_observed(trace: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Return the observed values; raise if any contain NaN or inf."""
-    out = {name: np.asarray(site["value"]) for name, site in observed_sites(trace).items()}
-    check_finite_observed(out, "numpyro.handlers.mask or sample(..., obs_mask=...)")
+    """Return the observed values; raise if any would be broadcast against their
+    distribution, or contain NaN or inf (`probdyn.engines.checks`)."""
+    sites = observed_sites(trace)
+    out = {name: np.asarray(site["value"]) for name, site in sites.items()}
+    check_observed_sites(
+        sites,
+        out,
+        "wrap the sample statement in `with numpyro.handlers.mask(mask={mask}):` or pass "
+        "numpyro.sample(..., obs={y}, obs_mask={mask})",
+    )
     return out
 
 

@@ -13,7 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-from probdyn.engines.checks import check_known_sites, check_site_names
+from probdyn.engines.checks import (
+    check_known_sites,
+    check_observed_shapes,
+    check_site_names,
+    dist_shape,
+)
 from probdyn.numpyro.bridge import ConcreteValueError, as_key, is_factor, uncondition
 
 if TYPE_CHECKING:
@@ -152,6 +157,8 @@ class _Forward:
             for n, s in tr.items()
             if s["type"] == "sample" and s["is_observed"] and not is_factor(s)
         ]
+        # Shapes are static under jit: checked once, when the program is traced.
+        check_observed_shapes({n: (tr[n]["value"], dist_shape(tr[n])) for n in observed})
         # Replicated data comes from the same run's observation distributions, so
         # the model (and any ODE in it) is solved once per draw, not twice.
         for n, kn in zip(observed, jax.random.split(k2, max(len(observed), 1))):

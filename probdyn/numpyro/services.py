@@ -14,17 +14,38 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from probdyn.core.locking import model_lock
 from probdyn.diagnostics.sbc_model import Trace
+from probdyn.engines.checks import check_array_types
 from probdyn.numpyro.bridge import is_factor, uncondition
 from probdyn.numpyro.predict import forward_draws, predict
 
-__all__ = ["forward_draws", "precision", "predict", "probe", "set_precision", "trace_once"]
+__all__ = [
+    "check_inputs",
+    "forward_draws",
+    "precision",
+    "predict",
+    "probe",
+    "set_precision",
+    "trace_once",
+]
 
 
 def probe(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether one run of ``model`` under NumPyro records a sample site."""
-    tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+    with model_lock:
+        tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
     return any(site.get("type") == "sample" for site in tr.values())
+
+
+def check_inputs(labelled: Sequence[tuple[str, Any]]) -> None:
+    """Raise TypeError for a torch tensor among a NumPyro model's (labelled) arguments."""
+    check_array_types(
+        labelled,
+        {"torch": "torch.Tensor"},
+        "NumPyro",
+        "np.asarray({x}) (or {x}.detach().cpu().numpy())",
+    )
 
 
 def trace_once(
@@ -36,7 +57,8 @@ def trace_once(
 ) -> Trace:
     """One run of the model for `probdyn.sbc`, its sites sorted by role."""
     fn = model if observed is None else uncondition(model)
-    tr = handlers.trace(handlers.seed(fn, jax.random.PRNGKey(seed))).get_trace(*args, **kwargs)
+    with model_lock:
+        tr = handlers.trace(handlers.seed(fn, jax.random.PRNGKey(seed))).get_trace(*args, **kwargs)
     out = Trace({}, {}, {}, 0.0, True)
     for name, site in tr.items():
         if site["type"] == "deterministic":

@@ -17,6 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
+import numpy as np
+
+from probdyn.core.engine_base import as_int
+
 __all__ = [
     "MLP_FIELDS",
     "MLPBackend",
@@ -26,6 +30,7 @@ __all__ = [
     "check_prior",
     "layer_index",
     "mlp_paths",
+    "mlp_widths",
     "prior_resolver",
     "resolve_prior",
 ]
@@ -56,9 +61,10 @@ def check_mlp_args(
     """Validate `BayesianMLP`'s name, sizes and activation; return the activation function."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"BayesianMLP(name={name!r}): name must be a non-empty string.")
-    if len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+    if mlp_widths(sizes) is None:
+        shown = list(sizes) if isinstance(sizes, (list, tuple, np.ndarray)) else sizes
         raise ValueError(
-            f"BayesianMLP(sizes={list(sizes)!r}): give at least two positive integer widths, "
+            f"BayesianMLP(sizes={shown!r}): give at least two positive integer widths, "
             "input first, e.g. [2, 16, 2]."
         )
     if isinstance(activation, str):
@@ -73,18 +79,31 @@ def check_mlp_args(
     raise ValueError(f"BayesianMLP(activation={activation!r}): not a name or a callable.")
 
 
+def mlp_widths(sizes: Any) -> list[int] | None:
+    """``sizes`` as a list of Python ints if it is a sequence of at least two positive
+    integers (NumPy ones and an integer array included, `as_int`), else None."""
+    try:
+        widths = [as_int(s) for s in sizes]
+    except TypeError:  # not iterable (an int, None) or a 0-d array
+        return None
+    if len(widths) < 2 or not all(w is not None and w > 0 for w in widths):
+        return None
+    return widths  # type: ignore[return-value]
+
+
 def layer_index(bayesian_layers: Sequence[int] | None, n_layers: int) -> set[int] | None:
     """The stochastic layers as non-negative indices (None: every layer)."""
     if bayesian_layers is None:
         return None
     out = set()
     for i in bayesian_layers:
-        if not isinstance(i, int) or not -n_layers <= i < n_layers:
+        index = as_int(i)
+        if index is None or not -n_layers <= index < n_layers:
             raise ValueError(
                 f"bayesian_layers={list(bayesian_layers)!r}: {i!r} is not a layer index of a "
                 f"{n_layers}-layer network (valid: {-n_layers}..{n_layers - 1})."
             )
-        out.add(i % n_layers)
+        out.add(index % n_layers)
     return out
 
 
@@ -230,6 +249,7 @@ def bayesian_mlp(
         ValueError: for bad ``name``, ``sizes``, ``activation`` or ``bayesian_layers``.
     """
     act = check_mlp_args(name, sizes, activation, backend.activations)
+    sizes = mlp_widths(sizes)  # type: ignore[assignment]  # checked: Python ints
     prior = backend.normal(0.0, 1.0) if prior is None else prior
     check_prior(prior, backend.distribution)
     chosen = layer_index(bayesian_layers, len(sizes) - 1)

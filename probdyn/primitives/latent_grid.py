@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from probdyn.core.engine_base import as_int
 from probdyn.primitives.sde import time_grid
 
 __all__ = [
@@ -273,7 +274,7 @@ def prior_target_times(
     Raises:
         ValueError: a bad ``num_series``, or ``target_times`` not a non-empty 1-D array.
     """
-    if isinstance(num_series, bool) or not isinstance(num_series, int) or num_series <= 0:
+    if (as_int(num_series) or 0) <= 0:
         raise ValueError(
             f"LatentSDE.sample_prior(num_series={num_series!r}): must be a positive "
             "integer, e.g. num_series=100."

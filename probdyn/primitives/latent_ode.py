@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from probdyn.core.engine_base import as_int
+
 __all__ = ["LatentODEBase", "autonomous_field", "nonfinite_value_error"]
 
 S = TypeVar("S")  # a backend's NeuralODE
@@ -89,10 +91,11 @@ class LatentODEBase(Generic[S]):
             ("latent_dim", latent_dim),
             ("encoder_hidden", encoder_hidden),
         ):
-            if not isinstance(v, int) or v <= 0:
+            if (as_int(v) or 0) <= 0:
                 raise ValueError(f"LatentODE({field}={v!r}): must be a positive integer.")
         if not isinstance(obs_scale, (int, float)) or not obs_scale > 0:
             raise ValueError(f"LatentODE(obs_scale={obs_scale!r}): must be a positive number.")
+        obs_dim, latent_dim, encoder_hidden = int(obs_dim), int(latent_dim), int(encoder_hidden)
         self.obs_dim, self.latent_dim = obs_dim, latent_dim
         self.field_sizes = (latent_dim, *field_sizes, latent_dim)
         self.decoder_sizes = (latent_dim, *decoder_sizes, obs_dim)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from probdyn.core.engine_base import as_int
 from probdyn.primitives.latent_grid import (
     BatchLayout,
     ForecastPlan,
@@ -59,13 +60,13 @@ def check_latent_sde_args(
         ValueError: naming the first bad argument and the fix.
     """
     for field, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        if (as_int(v) or 0) <= 0:
             raise ValueError(
                 f"LatentSDE({field}={v!r}): must be a positive integer; give e.g. {field}=4."
             )
     for field, hidden in widths.items():
-        if isinstance(hidden, (str, int)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in hidden
+        if isinstance(hidden, (str, int, np.integer)) or not all(
+            (as_int(s) or 0) > 0 for s in hidden
         ):
             raise ValueError(
                 f"LatentSDE({field}={hidden!r}): must be a sequence of positive integers "
@@ -87,7 +88,7 @@ def check_latent_sde_args(
         )
     if not isinstance(name, str) or not name:
         raise ValueError(f"LatentSDE(name={name!r}): give a non-empty site-name prefix.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if as_int(seed) is None:
         raise ValueError(f"LatentSDE(seed={seed!r}): must be an integer, e.g. seed=0.")
 
 
@@ -139,13 +140,17 @@ class LatentSDEBase(ABC):
             name,
             seed,
         )
+        # the checked integers (NumPy ones included) are stored as Python ints
+        obs_dim, latent_dim, context_dim = int(obs_dim), int(latent_dim), int(context_dim)
+        drift_sizes, decoder_sizes = tuple(map(int, drift_sizes)), tuple(map(int, decoder_sizes))
         self.obs_dim, self.latent_dim, self.dt = obs_dim, latent_dim, float(dt)
         self.prior_sizes = (latent_dim, *drift_sizes, latent_dim)
         self.posterior_sizes = (latent_dim + context_dim, *drift_sizes, latent_dim)
         self.decoder_sizes = (latent_dim, *decoder_sizes, obs_dim)
-        self.diffusion_hidden, self.encoder_hidden = diffusion_hidden, encoder_hidden
+        self.diffusion_hidden, self.encoder_hidden = int(diffusion_hidden), int(encoder_hidden)
         self.context_dim, self.obs_scale = context_dim, float(obs_scale)
-        self.z0_prior, self.max_steps, self.name, self.seed = z0_prior, max_steps, name, seed
+        self.z0_prior, self.max_steps, self.name = z0_prior, int(max_steps), name
+        self.seed = int(seed)
 
     def __repr__(self) -> str:
         return (

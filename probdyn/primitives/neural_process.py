@@ -22,6 +22,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
+from probdyn.core.engine_base import as_int
+
 __all__ = [
     "MLPSpec",
     "NPOps",
@@ -72,7 +74,7 @@ def check_np_args(
             (0, 1), or an unknown activation.
     """
     for arg, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
+        if (as_int(value) or 0) < 1:
             raise ValueError(f"{fn}({arg}={value!r}): must be a positive int.")
     if not 0.0 < min_sd < 1.0:
         raise ValueError(f"{fn}(min_sd={min_sd!r}): must lie in (0, 1), e.g. 0.1.")

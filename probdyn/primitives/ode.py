@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from probdyn.core.engine_base import as_int
+
 __all__ = [
     "ADAPTIVE",
     "ADJOINT_NAMES",
@@ -115,7 +117,7 @@ def check_ode_args(
         raise ValueError(f"NeuralODE(adjoint={adjoint!r}): choose one of {sorted(adjoints)}.")
     if not adaptive and dt0 is None:
         raise ValueError(f"NeuralODE(solver={solver!r}) is fixed-step: give dt0=...")
-    if not (isinstance(max_steps, int) and max_steps > 0):
+    if (as_int(max_steps) or 0) <= 0:
         raise ValueError(f"NeuralODE(max_steps={max_steps!r}): must be a positive integer.")
     for field, tol in (("rtol", rtol), ("atol", atol)):
         if not tol > 0:

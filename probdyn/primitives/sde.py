@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from probdyn.core.engine_base import as_int
 from probdyn.primitives.ode import check_time_axis
 
 __all__ = [
@@ -119,7 +120,7 @@ def check_sde_args(
         raise ValueError(f"NeuralSDE(dt={dt!r}): give the step size as a positive float.")
     if not (math.isfinite(float(dt)) and float(dt) > 0):
         raise ValueError(f"NeuralSDE(dt={dt!r}): the step size must be positive and finite.")
-    if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0):
+    if (as_int(max_steps) or 0) <= 0:
         raise ValueError(f"NeuralSDE(max_steps={max_steps!r}): must be a positive integer.")
     if not isinstance(name, str) or not name:
         raise ValueError(f"NeuralSDE(name={name!r}): name must be a non-empty string.")
@@ -130,8 +131,7 @@ def check_sde_args(
 
 def _check_noise_size(noise: str, brownian_size: Any) -> None:
     if noise == "general":
-        ok = isinstance(brownian_size, int) and not isinstance(brownian_size, bool)
-        if not (ok and brownian_size > 0):
+        if (as_int(brownian_size) or 0) <= 0:
             raise ValueError(
                 f"NeuralSDE(noise='general', brownian_size={brownian_size!r}): give the number "
                 "m of Brownian motions (a positive int); the diffusion returns (..., d, m)."

@@ -22,7 +22,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from probdyn.core.assemble import package_versions
-from probdyn.engines.checks import check_finite_observed
+from probdyn.engines.checks import check_observed_sites, distribution_class_error
+from probdyn.engines.keys import int_key
 
 __all__ = [
     "as_seed",
@@ -36,6 +37,7 @@ __all__ = [
     "sub_seed",
     "to_numpy",
     "to_torch",
+    "torch_seed",
     "trace_model",
     "uncondition",
     "versions",
@@ -51,16 +53,18 @@ def as_seed(key: Any) -> int:
     A generator is not used directly: one seed is drawn from it (advancing it),
     so the same generator state gives the same run.
 
+    An int seed is returned as it is: any seed in ``[0, 2**64)`` (the rule of
+    `probdyn.engines.keys`) seeds torch and `sub_seed` directly.
+
     Raises:
         TypeError: if ``key`` is neither.
-        ValueError: if an int key is negative or too large.
+        ValueError: if an int key is outside ``[0, 2**64)``.
     """
     if isinstance(key, torch.Generator):
         return int(torch.randint(0, _SEED_BOUND - 1, (), generator=key, dtype=torch.int64))
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        if not 0 <= int(key) < _SEED_BOUND:
-            raise ValueError(f"key={key!r}: an int key must be in [0, 2**63).")
-        return int(key)
+    seed = int_key(key)
+    if seed is not None:
+        return seed
     raise TypeError(
         f"key={key!r}: expected an int seed or a torch.Generator "
         "(torch.Generator().manual_seed(0))."
@@ -71,6 +75,18 @@ def sub_seed(seed: int, *path: int) -> int:
     """An independent seed for one part of a run (a chain, the forward pass, ...)."""
     state = np.random.SeedSequence([seed, *path]).generate_state(1, np.uint64)[0]
     return int(state) % _SEED_BOUND
+
+
+def torch_seed(seed: int) -> int:
+    """The seed a torch CPU generator gets for a seed in ``[0, 2**64)``.
+
+    That generator (mt19937) keeps only the low 32 bits of its seed, so ``2**32`` would
+    give the draws of 0: a seed below ``2**32`` is used as it is (results stay the
+    same), a larger one is hashed into 32 bits with `numpy.random.SeedSequence`.
+    """
+    if seed < 2**32:
+        return seed
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
 
 
 @contextlib.contextmanager
@@ -115,9 +131,19 @@ def to_numpy(value: Any) -> np.ndarray:
 def trace_model(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, Any]:
-    """Run the model once and return its trace's sites (name -> site dict)."""
-    with torch.no_grad():
-        return dict(poutine.trace(model).get_trace(*args, **kwargs).nodes)
+    """Run the model once and return its trace's sites (name -> site dict).
+
+    Raises:
+        TypeError: naming the site, for a distribution class given to ``pyro.sample``.
+    """
+    try:
+        with torch.no_grad():
+            return dict(poutine.trace(model).get_trace(*args, **kwargs).nodes)
+    except TypeError as err:
+        better = distribution_class_error(err, "pyro.primitives")
+        if better is None:
+            raise
+        raise better from err
 
 
 def is_factor(site: dict[str, Any]) -> bool:
@@ -203,9 +229,16 @@ def plates_complete(trace: dict[str, Any]) -> bool:
 
 
 def check_observed(trace: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Return the observed values; raise if any contain NaN or inf."""
-    out = {name: to_numpy(site["value"]) for name, site in observed_sites(trace).items()}
-    check_finite_observed(out, "pyro.poutine.mask or pyro.sample(..., obs_mask=...)")
+    """Return the observed values; raise if any would be broadcast against their
+    distribution, or contain NaN or inf (`probdyn.engines.checks`)."""
+    sites = observed_sites(trace)
+    out = {name: to_numpy(site["value"]) for name, site in sites.items()}
+    check_observed_sites(
+        sites,
+        out,
+        "wrap the sample statement in `with pyro.poutine.mask(mask=torch.as_tensor({mask})):` "
+        "or pass pyro.sample(..., obs={y}, obs_mask=torch.as_tensor({mask}))",
+    )
     return out
 
 

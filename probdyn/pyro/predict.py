@@ -14,7 +14,12 @@ import numpy as np
 import pyro.poutine as poutine
 import torch
 
-from probdyn.engines.checks import check_known_sites, check_site_names
+from probdyn.engines.checks import (
+    check_known_sites,
+    check_observed_shapes,
+    check_site_names,
+    dist_shape,
+)
 from probdyn.pyro.bridge import (
     as_seed,
     is_deterministic,
@@ -89,13 +94,15 @@ def forward_draws(
     lead, draws = _flat_draws(samples, latent, num_draws)
     det_rows, ll_rows, pp_rows = [], [], []
     with isolated(seed), torch.no_grad():
-        for draw in draws:
+        for i, draw in enumerate(draws):
             # Per-draw param values (ensemble members) take precedence over shared ones;
             # substitute only touches param sites, so the latent values are harmless there.
             fixed = with_params(model, {**params, **draw})
             tr = trace_model(poutine.condition(fixed, data=draw), args, kwargs)
             det_rows.append({n: s["value"] for n, s in tr.items() if is_deterministic(s)})
             obs = {n: s for n, s in observed_sites(tr).items() if n not in latent}
+            if i == 0:  # the shapes are the same for every draw
+                check_observed_shapes({n: (s["value"], dist_shape(s)) for n, s in obs.items()})
             # Replicated data comes from the same run's observation distributions, so
             # the model (and any ODE in it) is solved once per draw, not twice.
             ll_rows.append({n: _pointwise_log_prob(s) for n, s in obs.items()})

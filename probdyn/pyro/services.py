@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from probdyn.core.locking import model_lock
 from probdyn.diagnostics.sbc_model import Trace
+from probdyn.engines.checks import check_array_types
 from probdyn.pyro.bridge import (
     is_deterministic,
     is_factor,
@@ -25,7 +27,15 @@ from probdyn.pyro.bridge import (
 )
 from probdyn.pyro.predict import _pointwise_log_prob, forward_draws, predict
 
-__all__ = ["forward_draws", "precision", "predict", "probe", "set_precision", "trace_once"]
+__all__ = [
+    "check_inputs",
+    "forward_draws",
+    "precision",
+    "predict",
+    "probe",
+    "set_precision",
+    "trace_once",
+]
 
 
 def probe(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -34,9 +44,19 @@ def probe(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     The probe must not touch the global torch RNG or the user's param store, and
     gets NumPy data as tensors, as the Pyro runners give it."""
     targs, tkwargs = to_torch_args(args, kwargs)
-    with isolated(0):
+    with model_lock, isolated(0):
         tr = trace_model(model, targs, tkwargs)
     return any(site.get("type") == "sample" for site in tr.values())
+
+
+def check_inputs(labelled: Sequence[tuple[str, Any]]) -> None:
+    """Raise TypeError for a JAX array among a Pyro model's (labelled) arguments."""
+    check_array_types(
+        labelled,
+        {"jax": "JAX array", "jaxlib": "JAX array"},
+        "Pyro",
+        "np.asarray({x}) (probdyn gives NumPy arrays to a Pyro model as tensors)",
+    )
 
 
 def trace_once(
@@ -49,7 +69,7 @@ def trace_once(
     """One run of the model for `probdyn.sbc`, its sites sorted by role."""
     targs, tkwargs = to_torch_args(args, kwargs)
     fn = model if observed is None else uncondition()(model)
-    with isolated(seed):
+    with model_lock, isolated(seed):
         tr = trace_model(fn, targs, tkwargs)
     out = Trace({}, {}, {}, 0.0, True)
     for name, site in tr.items():

@@ -101,6 +101,7 @@ from probdyn.core.engines import Ensemble
 from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_ensemble_fittable
 from probdyn.engines.ensemble_warnings import warn_non_finite, warn_not_jittered
+from probdyn.engines.losses import check_final_loss, learning_rate_fix
 from probdyn.numpyro.bridge import as_key, check_observed, is_factor, trace_model
 from probdyn.numpyro.engines.batching import batch_size, map_batched
 from probdyn.numpyro.engines.shard import num_devices_of, shard_leading
@@ -437,6 +438,7 @@ def run_ensemble(
         num_devices = num_devices_of(jax.tree.leaves(values)[0])
         loss, log_joint, values = jax.tree.map(np.asarray, (loss, log_joint, values))
     wall = time.perf_counter() - start
+    check_final_loss(losses, *learning_rate_fix(engine))
     warn_non_finite(losses, loss)
     return build_posterior(
         model=model,

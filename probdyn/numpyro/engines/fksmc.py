@@ -45,6 +45,7 @@ from probdyn.core.engines import SMC
 from probdyn.core.posterior import Posterior
 from probdyn.engines import fk_stream as streaming
 from probdyn.engines.fk_stream import RW_VARIANCE
+from probdyn.engines.losses import check_final_loss, learning_rate_fix
 from probdyn.numpyro.bridge import as_key, check_observed, is_factor, trace_model
 from probdyn.numpyro.engines.timing import CompileTimer
 from probdyn.numpyro.postprocess import build_posterior
@@ -313,6 +314,8 @@ def run_fksmc(
         state = jax.block_until_ready(state)
     wall = time.perf_counter() - start
     log_inc, ess, loss = (np.concatenate([o[i] for o in outputs]) for i in range(3))
+    if param_names:  # learned by Adam: a loss that ends non-finite means they diverged
+        check_final_loss(loss, *learning_rate_fix(engine))
     draws = {k: transforms[k](v)[None] for k, v in state.particles.items()}
     fitted = {k: transforms[k](v) for k, v in state.psi.items()}
     return build_posterior(

@@ -21,10 +21,17 @@ from numpyro.infer.util import (
     unconstrain_fn,
 )
 
+from probdyn.core.engine_base import dense_mass_arg
 from probdyn.core.engines import HMC, NUTS
 from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_has_latent
-from probdyn.engines.mcmc import init_strategy, posterior_starts, tree_depth
+from probdyn.engines.mcmc import (
+    failed_solve_names,
+    init_failure_error,
+    init_strategy,
+    posterior_starts,
+    tree_depth,
+)
 from probdyn.numpyro.bridge import as_key, check_observed, trace_model
 from probdyn.numpyro.engines.map import map_estimate
 from probdyn.numpyro.engines.timing import CompileTimer
@@ -84,28 +91,63 @@ def _init_from_map(
     return out, params
 
 
-def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> Any:
-    """NumPyro's kernel for ``engine`` (a MAP or posterior start is given to ``run``)."""
+def _kernel(
+    engine: NUTS | HMC, model: Callable[..., Any], dense: bool | list[tuple[str, ...]]
+) -> Any:
+    """NumPyro's kernel for ``engine`` (a MAP or posterior start is given to ``run``);
+    ``dense`` is ``engine.dense_mass`` as `dense_mass_arg` gives it."""
     strategy = init_strategy(engine.init, init_to_sample, init_to_median)
     if isinstance(engine, NUTS):
         return NumPyroNUTS(
             model,
             target_accept_prob=engine.target_accept,
             max_tree_depth=engine.max_tree_depth,
-            dense_mass=engine.dense_mass,
+            dense_mass=dense,
             init_strategy=strategy,
         )
+    adapt = engine.num_warmup > 0  # HMC(num_warmup=0): the step size as given
     return NumPyroHMC(
         model,
-        step_size=engine.step_size,
+        step_size=1.0 if engine.step_size is None else engine.step_size,
         num_steps=engine.num_steps,
         trajectory_length=(
             None if engine.num_steps is not None else engine.trajectory_length or np.pi / 2
         ),
         target_accept_prob=engine.target_accept,
-        dense_mass=engine.dense_mass,
+        dense_mass=dense,
+        adapt_step_size=adapt,
+        adapt_mass_matrix=adapt,
         init_strategy=strategy,
     )
+
+
+def _failed_at_init(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    rng: jax.Array,
+    engine: NUTS | HMC,
+    init_params: Any,
+) -> list[str]:
+    """The ODE/SDE primitives whose solves fail at the (first chain's) initial point.
+
+    Run once the kernel has found no valid start, to say why: the model is traced
+    at the start NumPyro tried (the init strategy's, or the given MAP/posterior
+    start) and its failed-solve factor sites are read.
+    """
+    seeded = handlers.seed(model, rng)
+    if init_params is None:
+        strategy = init_strategy(engine.init, init_to_sample, init_to_median)
+        seeded = handlers.substitute(seeded, substitute_fn=strategy)
+    else:
+        first = init_params if engine.num_chains == 1 else jax.tree.map(lambda x: x[0], init_params)
+        seeded = handlers.substitute(seeded, data=constrain_fn(model, args, kwargs, first))
+    try:
+        tr = handlers.trace(seeded).get_trace(*args, **kwargs)
+    except Exception:  # the model fails outright: NumPyro's own error says more
+        return []
+    factors = {n: s["fn"].log_prob(s["value"]) for n, s in tr.items() if s["type"] == "sample"}
+    return failed_solve_names(factors)
 
 
 def _constrain_only(trace: dict[str, Any]) -> Callable[..., Any] | None:
@@ -162,7 +204,13 @@ def run_mcmc(
     engine: NUTS | HMC,
     key: int | jax.Array,
 ) -> Posterior:
-    """Run NumPyro's NUTS or HMC and return a `Posterior` (chains x draws)."""
+    """Run NumPyro's NUTS or HMC and return a `Posterior` (chains x draws).
+
+    Raises:
+        RuntimeError: no valid initial point because every solve of an ODE/SDE
+            failed there (the message names it; `init_failure_error`), or
+            ``chain_method="parallel"`` with a diffrax solve.
+    """
     rng = as_key(key)
     trace = trace_model(model, args, kwargs, rng)
     observed = check_observed(trace)
@@ -180,7 +228,7 @@ def run_mcmc(
         run_model, init_params = _chain_starts(values, fixed, model, args, kwargs)
         params = {**params, **fixed}
     mcmc = MCMC(
-        _kernel(engine, run_model),
+        _kernel(engine, run_model, dense_mass_arg(engine, latent)),
         postprocess_fn=_constrain_only(trace),
         num_warmup=engine.num_warmup,
         num_samples=engine.num_samples,
@@ -200,6 +248,12 @@ def run_mcmc(
                     "under which diffrax's checkpointed solver loop cannot be differentiated "
                     "(JAX/equinox limitation). Use chain_method='vectorized' or 'sequential'."
                 ) from err
+            raise
+        except RuntimeError as err:
+            if "Cannot find valid initial parameters" in str(err):
+                failed = _failed_at_init(run_model, args, kwargs, rng, engine, init_params)
+                if failed:
+                    raise init_failure_error(type(engine).__name__, failed) from err
             raise
         samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     wall = time.perf_counter() - start

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_guide_samples, check_vi_model
+from probdyn.engines.losses import check_final_loss, learning_rate_fix
 from probdyn.engines.mcmc import init_strategy
 from probdyn.numpyro.bridge import as_key, check_observed, trace_model
 from probdyn.numpyro.engines.map import map_estimate
@@ -146,6 +147,7 @@ def run_vi(
     with CompileTimer() as timer:
         state = svi.init(k_init, *args, **kwargs)
         state, losses = _optimise(svi, state, engine, args, kwargs)
+        check_final_loss(losses, *learning_rate_fix(engine))
         fitted = svi.get_params(state)
         if custom:
             draws = _custom_draws(guide, fitted, latent, engine.num_draws, k_draw, args, kwargs)

@@ -36,6 +36,8 @@ from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
 from probdyn.data._tasks import TaskStream, stream_rng
 from probdyn.engines.checks import check_stream_model
+from probdyn.engines.keys import int_key
+from probdyn.engines.losses import check_final_loss, learning_rate_fix
 from probdyn.numpyro.bridge import as_key, seed_record, trace_model, versions
 from probdyn.numpyro.engines.timing import CompileTimer
 from probdyn.numpyro.primitives.ode import failed_solves, reset_failed_solves
@@ -126,7 +128,8 @@ def run_vi_stream(
     amortised `Posterior`."""
     stream: TaskStream = args[0]
     rng_key = as_key(key)
-    rng = stream_rng(key if isinstance(key, (int, np.integer)) else np.asarray(rng_key))
+    seed = int_key(key)
+    rng = stream_rng(seed if seed is not None else np.asarray(rng_key))
     first = stream.draw(rng)
     trace = trace_model(model, (), {**first, **kwargs}, rng_key)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
@@ -155,6 +158,7 @@ def run_vi_stream(
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(loss[-1]):.4g}")
         params = jax.block_until_ready(svi.get_params(state))
+    check_final_loss(np.concatenate(losses), *learning_rate_fix(engine))
     wall = time.perf_counter() - start
     return assemble_amortized(
         backend="numpyro",

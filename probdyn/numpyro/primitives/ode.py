@@ -7,12 +7,15 @@ mechanistic function, or their sum (a universal differential equation).
 A solve that fails (too many steps, a non-finite state) never crashes a run: the
 trajectory is replaced by zeros, a ``factor`` site sets the model's log density
 to -inf (so the sampler rejects that proposal), and the failure is counted (see
-`failed_solves`) so that the engine can report it on the Posterior.
+`failed_solves`) so that the engine can report it on the Posterior. With the
+implicit ``"kvaerno5"`` the field goes through `_GuardedODETerm`, so that NaN or inf
+never reaches lineax's linear solves (which raise rather than report a failure).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import diffrax as dfx
@@ -51,6 +54,9 @@ _DIFFRAX_SOLVERS: dict[str, type] = {
 SOLVERS: dict[str, tuple[type, bool]] = {
     name: (_DIFFRAX_SOLVERS[name], adaptive) for name, adaptive in ADAPTIVE.items()
 }
+# Solvers with a Newton iteration (a linear solve per step), whose field is
+# solved through `_GuardedODETerm`.
+_IMPLICIT = frozenset({"kvaerno5"})
 ADJOINTS: dict[str, Callable[[], Any]] = {
     "recursive": dfx.RecursiveCheckpointAdjoint,
     "backsolve": dfx.BacksolveAdjoint,
@@ -127,6 +133,116 @@ def _call_converted(t: Any, z: Any, field_and_args: tuple[Any, Any]) -> Any:
     return field(t, z, args)
 
 
+def _vf_prod(t: Any, z: Any, field_and_args: tuple[Any, Any], control: Any) -> Any:
+    out = _call_converted(t, z, field_and_args)
+    return jnp.broadcast_to(out, jnp.shape(z)).astype(jnp.result_type(z)) * control
+
+
+@jax.custom_jvp
+def _guarded_vf_prod(t: Any, z: Any, field_and_args: tuple[Any, Any], control: Any) -> Any:
+    """`_vf_prod`, ``f(t, z, args) * control``, whose derivatives are finite wherever it is.
+
+    An implicit solver linearises its step: its Newton iteration solves with
+    ``I - h * df/dz``, and its gradient (the implicit function theorem, in
+    optimistix) solves with the same matrix at the root. lineax raises, rather
+    than returns a failure code, when that matrix or the right-hand side is
+    non-finite -- a Newton iterate that diverged in a step the controller then
+    rejects, a NaN step size once a solve has failed, or a field whose
+    derivative is infinite -- and the error aborts the whole sampler. Here
+    non-finite entries of ``d(f h)/dz``, and every derivative where ``f h``
+    itself is non-finite, are zero. The solution is unchanged (only the Newton
+    matrix is: a worse one converges more slowly or fails, which rejects the
+    step), and a failed step or solve is still reported as one. Zero tangents
+    stay symbolic, so that ``0 * inf`` in a derivative nobody asked for (with
+    respect to a rate, say, while the solver wants ``df/dz``) is never formed.
+    """
+    return _vf_prod(t, z, field_and_args, control)
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+
+@partial(_guarded_vf_prod.defjvp, symbolic_zeros=True)
+def _guarded_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    t, z, field_and_args, control = primals
+
+    def in_state(z_: Any) -> tuple[Any, Any]:
+        out = _vf_prod(t, z_, field_and_args, control)
+        return out, out
+
+    jac, out = jax.jacfwd(in_state, has_aux=True)(z)  # out.shape + z.shape
+    finite = jnp.isfinite(out)
+    jac = jnp.where(jnp.isfinite(jac), jac, 0.0)
+    t_out = jnp.zeros_like(out)
+    if not _is_zero(tangents[1]):
+        t_out = t_out + jnp.tensordot(jac, tangents[1], axes=jnp.ndim(z))
+    # The time, the field's own inputs (weights, rates, args) and the step: only
+    # the leaves with a tangent.
+    leaves, tree = jax.tree.flatten((t, field_and_args, control))
+    dots = jax.tree.leaves((tangents[0], tangents[2], tangents[3]), is_leaf=_is_zero)
+    live = [i for i, d in enumerate(dots) if not _is_zero(d)]
+    if live:
+
+        def of_live(*xs: Any) -> Any:
+            filled = list(leaves)
+            for i, x in zip(live, xs, strict=True):
+                filled[i] = x
+            t_, fa_, c_ = jax.tree.unflatten(tree, filled)
+            return _vf_prod(t_, z, fa_, c_)
+
+        _, rest = jax.jvp(of_live, [leaves[i] for i in live], [dots[i] for i in live])
+        t_out = t_out + rest
+    # Masked once more: where ``f h`` is non-finite (a NaN step, a diverged
+    # iterate) the tangents coming in are too, and 0 * NaN is NaN.
+    return out, jnp.where(finite, t_out, 0.0)
+
+
+@jax.custom_vjp
+def _finite_cotangent(ys: Array) -> Array:
+    """The identity, whose cotangent has its NaN and inf entries set to zero.
+
+    A likelihood that is non-finite at a solution (the log of a negative
+    concentration) sends a NaN cotangent back into the solve, and an implicit
+    solver's gradient would hand it to lineax, which raises. The log density is
+    non-finite there anyway, so the sampler rejects that point whatever its
+    gradient; a finite one keeps the run alive.
+    """
+    return ys
+
+
+def _finite_cotangent_fwd(ys: Array) -> tuple[Array, None]:
+    return ys, None
+
+
+def _finite_cotangent_bwd(_: None, ct: Array) -> tuple[Array]:
+    return (jnp.where(jnp.isfinite(ct), ct, 0.0),)
+
+
+_finite_cotangent.defvjp(_finite_cotangent_fwd, _finite_cotangent_bwd)
+
+
+class _GuardedODETerm(dfx.AbstractTerm):  # type: ignore[misc]
+    """diffrax's `ODETerm` for the converted field, through `_guarded_vf_prod`."""
+
+    def vf(self, t: Any, y: Any, args: Any) -> Any:
+        return _guarded_vf_prod(t, y, args, jnp.ones((), jnp.result_type(y)))
+
+    def contr(self, t0: Any, t1: Any, **kwargs: Any) -> Any:
+        # Once a step has failed badly the controller's next step size can be
+        # NaN (an infinite error over an infinite state). Transposing ``h * k``
+        # then gives ``NaN * 0`` even where the cotangent is zero, so such a step
+        # is taken as zero: it stays rejected, and the solve is reported failed.
+        dt = t1 - t0
+        return jnp.where(jnp.isfinite(dt), dt, jnp.zeros_like(dt))
+
+    def prod(self, vf: Any, control: Any) -> Any:
+        return vf * control
+
+    def vf_prod(self, t: Any, y: Any, args: Any, control: Any) -> Any:
+        return _guarded_vf_prod(t, y, args, control)
+
+
 def _concrete(x: Any) -> np.ndarray | None:
     try:
         return np.asarray(x)
@@ -147,8 +263,12 @@ class NeuralODE(NeuralODEBase):
     Args:
         vector_field: ``f(t, z, args) -> dz/dt`` with the shape of ``z``.
         solver: ``"tsit5"``, ``"dopri5"``, ``"dopri8"``, ``"bosh3"``,
-            ``"kvaerno5"`` (stiff), or the fixed-step ``"heun"``, ``"midpoint"``,
-            ``"euler"`` (these need ``dt0``).
+            ``"kvaerno5"`` (implicit, for stiff problems), or the fixed-step
+            ``"heun"``, ``"midpoint"``, ``"euler"`` (these need ``dt0``). With
+            ``"kvaerno5"``, non-finite derivatives of the field are taken as zero
+            in its Newton matrix and its gradient (see `_GuardedODETerm`), so a
+            proposal where they are NaN or inf is rejected rather than ending the
+            run; solutions and finite gradients are unchanged.
         rtol: relative tolerance of the adaptive step-size controller.
         atol: absolute tolerance.
         max_steps: solver steps allowed per solve; more is a failed solve.
@@ -192,8 +312,9 @@ class NeuralODE(NeuralODEBase):
             else dfx.ConstantStepSize()
         )
         field = _ConvertedField.build(self.vector_field, t0, z0, args)
+        term = _GuardedODETerm() if self.solver in _IMPLICIT else dfx.ODETerm(_call_converted)
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(_call_converted),
+            term,
             solver_cls(),
             t0=t0,
             t1=times[-1],
@@ -206,7 +327,7 @@ class NeuralODE(NeuralODEBase):
             max_steps=self.max_steps,
             throw=False,
         )
-        ys = sol.ys
+        ys = _finite_cotangent(sol.ys) if self.solver in _IMPLICIT else sol.ys
         failed = (sol.result != dfx.RESULTS.successful) | ~jnp.all(jnp.isfinite(ys))
         return jnp.where(failed, jnp.zeros_like(ys), ys), failed
 

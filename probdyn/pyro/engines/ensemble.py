@@ -54,6 +54,7 @@ from probdyn.core.engines import Ensemble
 from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_ensemble_fittable
 from probdyn.engines.ensemble_warnings import warn_non_finite, warn_not_jittered
+from probdyn.engines.losses import check_final_loss, learning_rate_fix
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -297,6 +298,7 @@ def run_ensemble(
             values = flat_model.constrain(flat.detach())[0]
         wall = time.perf_counter() - begin
     lp = (t[:, 0] + t[:, 2]).numpy()
+    check_final_loss(losses, *learning_rate_fix(engine))
     warn_non_finite(losses, lp)
     return build_posterior(
         model=model,

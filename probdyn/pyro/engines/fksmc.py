@@ -34,6 +34,7 @@ from probdyn.core.posterior import Posterior
 from probdyn.engines import fk_stream as streaming
 from probdyn.engines import smc_math as _smc_math
 from probdyn.engines.fk_stream import RW_VARIANCE
+from probdyn.engines.losses import check_final_loss, learning_rate_fix
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -229,6 +230,8 @@ def run_fksmc(
                     bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
         wall = time.perf_counter() - start
+        if optimizer is not None:  # params learned by Adam: did they diverge?
+            check_final_loss(np.asarray(losses), *learning_rate_fix(engine))
         values = prior.constrain(z)[0]
         final = lik.constrain(torch.cat([z[0], psi.detach()]))[0]
         fitted = {b.name: final[b.name] for b in lik.blocks if b.is_param}

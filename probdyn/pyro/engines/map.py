@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_median
 from pyro.optim import ClippedAdam, PyroOptim
 
+from probdyn.engines.losses import MAP_FIX, check_final_loss, optimisation_failed
 from probdyn.pyro.bridge import isolated, param_sites, plate_nesting, trace_model
 
 __all__ = ["MAP_STEPS", "adam", "map_estimate"]
@@ -47,13 +49,24 @@ def map_estimate(
     models often have a "everything is noise" local mode that noisy VI or a
     sampler started at the prior falls into; a deterministic optimum is a far
     better place to start NUTS or to centre a guide.
+
+    Raises:
+        FloatingPointError: if the optimisation diverges (a step after the first
+            fails, or the loss ends non-finite).
     """
     with isolated(seed):
         elbo = Trace_ELBO(max_plate_nesting=plate_nesting(trace_model(model, args, kwargs)))
         guide = AutoDelta(model, init_loc_fn=init_to_median)
         svi = SVI(model, guide, adam(learning_rate, num_steps, 0.1), elbo)
-        for _ in range(num_steps):
-            svi.step(*args, **kwargs)
+        losses = np.empty(num_steps)
+        for step in range(num_steps):
+            try:
+                losses[step] = svi.step(*args, **kwargs)
+            except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
+                if step == 0:
+                    raise
+                optimisation_failed(err, losses, step, *MAP_FIX)
+        check_final_loss(losses, *MAP_FIX)
         with torch.no_grad():
             latent = {k: v.detach().clone() for k, v in guide.median(*args, **kwargs).items()}
             params = param_sites(trace_model(model, args, kwargs))

@@ -29,16 +29,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyro import poutine
 from pyro.infer import MCMC
-from pyro.infer.autoguide import init_to_median, init_to_sample
+from pyro.infer.autoguide import init_to_median, init_to_sample, init_to_value
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.mcmc import HMC as PyroHMC
 from pyro.infer.mcmc import NUTS as PyroNUTS
 from torch.distributions import biject_to
 
+from probdyn.core.engine_base import dense_mass_arg
 from probdyn.core.engines import HMC, NUTS
 from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_has_latent
-from probdyn.engines.mcmc import init_strategy, posterior_starts, tree_depth
+from probdyn.engines.mcmc import (
+    failed_solve_names,
+    init_failure_error,
+    init_strategy,
+    posterior_starts,
+    tree_depth,
+)
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -125,23 +134,29 @@ class _HMC(_Recorded, PyroHMC):
         return max(1, int(self.trajectory_length / self.step_size))
 
 
-def _kernel(engine: NUTS | HMC, model: Callable[..., Any]) -> _NUTS | _HMC:
+def _kernel(
+    engine: NUTS | HMC, model: Callable[..., Any], dense: bool | list[tuple[str, ...]]
+) -> _NUTS | _HMC:
     """Pyro's kernel for ``engine``, recording each draw's statistics (a MAP or
-    posterior start is given to ``MCMC`` as ``initial_params``)."""
+    posterior start is given to ``MCMC`` as ``initial_params``); ``dense`` is
+    ``engine.dense_mass`` as `dense_mass_arg` gives it."""
     strategy = init_strategy(engine.init, init_to_sample, init_to_median)
     common = {
         "target_accept_prob": engine.target_accept,
-        "full_mass": engine.dense_mass,
+        "full_mass": dense,
         "init_strategy": strategy,
     }
     if isinstance(engine, NUTS):
         return _NUTS(model, max_tree_depth=engine.max_tree_depth, **common)
     length = engine.trajectory_length or math.pi / 2
+    adapt = engine.num_warmup > 0  # HMC(num_warmup=0): the step size as given (as NumPyro)
     return _HMC(
         model,
         fixed_num_steps=engine.num_steps,
-        step_size=engine.step_size,
+        step_size=1.0 if engine.step_size is None else engine.step_size,
         trajectory_length=None if engine.num_steps is not None else length,
+        adapt_step_size=adapt,
+        adapt_mass_matrix=adapt,
         **common,
     )
 
@@ -190,6 +205,39 @@ def _starts_from_map(
     return starts, params
 
 
+def _failed_at_init(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: NUTS | HMC,
+    start: dict[str, torch.Tensor] | None,
+) -> list[str]:
+    """The ODE/SDE primitives whose solves fail at a chain's initial point.
+
+    Run once the kernel has found no valid start, to say why: the model is traced
+    at a start of the kind Pyro tried (the init strategy's, or the given MAP or
+    posterior start, which is unconstrained) and its failed-solve factor sites
+    are read.
+    """
+    try:
+        if start is None:
+            strategy = init_strategy(engine.init, init_to_sample, init_to_median)
+        else:
+            prior: Any = poutine.trace(model).get_trace(*args, **kwargs).nodes
+            values = {s: biject_to(prior[s]["fn"].support)(v) for s, v in start.items()}
+            strategy = init_to_value(values=values)
+        with torch.no_grad():
+            tried: Any = poutine.trace(InitMessenger(strategy)(model)).get_trace(*args, **kwargs)
+    except Exception:  # the model fails outright: Pyro's own error says more
+        return []
+    factors = {
+        n: site["fn"].log_prob(site["value"])
+        for n, site in tried.nodes.items()
+        if site["type"] == "sample"
+    }
+    return failed_solve_names({n: v.detach().cpu().numpy() for n, v in factors.items()})
+
+
 def _run_chain(
     engine: NUTS | HMC,
     model: Callable[..., Any],
@@ -197,9 +245,10 @@ def _run_chain(
     kwargs: dict[str, Any],
     seed: int,
     start: dict[str, torch.Tensor] | None,
+    dense: bool | list[tuple[str, ...]],
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     torch.manual_seed(seed)
-    kernel = _kernel(engine, model)
+    kernel = _kernel(engine, model, dense)
     mcmc = MCMC(
         kernel,
         num_samples=engine.num_samples,
@@ -208,7 +257,14 @@ def _run_chain(
         num_chains=1,
         disable_progbar=not engine.progress_bar,
     )
-    mcmc.run(*args, **kwargs)
+    try:
+        mcmc.run(*args, **kwargs)
+    except ValueError as err:
+        if "cannot find valid initial params" in str(err):
+            failed = _failed_at_init(model, args, kwargs, engine, start)
+            if failed:
+                raise init_failure_error(type(engine).__name__, failed) from err
+        raise
     samples = mcmc.get_samples(group_by_chain=True)
     return {k: v[0] for k, v in samples.items()}, kernel.transitions
 
@@ -237,6 +293,8 @@ def run_mcmc(
     Raises:
         ValueError: for ``chain_method="parallel"``, a model without latent sites,
             or NaN/inf in observed data.
+        RuntimeError: no valid initial point because every solve of an ODE/SDE
+            failed there (the message names it; `init_failure_error`).
     """
     name = type(engine).__name__
     if engine.chain_method == "parallel":
@@ -254,6 +312,7 @@ def run_mcmc(
         latent = latent_sites(trace)
         params = param_sites(trace)
         check_has_latent(latent)
+        dense = dense_mass_arg(engine, latent)
         starts: list[dict[str, torch.Tensor]] | None = None
         run_model = model
         if not isinstance(engine.init, str) or engine.init == "map":
@@ -277,6 +336,7 @@ def run_mcmc(
                 tkwargs,
                 sub_seed(seed, 0, c),
                 None if starts is None else starts[c],
+                dense,
             )
             for c in range(engine.num_chains)
         ]

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_guide_samples, check_vi_model
+from probdyn.engines.losses import check_final_loss, learning_rate_fix, optimisation_failed
 from probdyn.engines.mcmc import init_strategy
 from probdyn.pyro.bridge import (
     as_seed,
@@ -108,14 +109,22 @@ def _check_custom_guide(
 
 
 def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]) -> np.ndarray:
+    """The loss per step; raises if the optimisation diverged (`probdyn.engines.losses`):
+    a step after the first fails, or the loss ends non-finite."""
     losses = np.empty(engine.num_steps)
     block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
     with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="VI") as bar:
         for step in range(engine.num_steps):
-            losses[step] = svi.step(*args, **kwargs)
+            try:
+                losses[step] = svi.step(*args, **kwargs)
+            except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
+                if step == 0:
+                    raise
+                optimisation_failed(err, losses, step, *learning_rate_fix(engine))
             if (step + 1) % block == 0 or step + 1 == engine.num_steps:
                 bar.update(step + 1 - bar.n)
                 bar.set_postfix(loss=f"{losses[step]:.4g}")
+    check_final_loss(losses, *learning_rate_fix(engine))
     return losses
 
 

@@ -40,6 +40,7 @@ from probdyn.core.engines import VI
 from probdyn.core.posterior import Posterior
 from probdyn.data._tasks import TaskStream, stream_rng
 from probdyn.engines.checks import check_fittable, check_guide_samples, check_stream_model
+from probdyn.engines.losses import check_final_loss, learning_rate_fix, optimisation_failed
 from probdyn.pyro.bridge import (
     as_seed,
     isolated,
@@ -137,10 +138,16 @@ def run_vi_stream(
         with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="VI") as bar:
             for step in range(engine.num_steps):
                 batch, scale = _batch(stream, rng)
-                losses[step] = _step(model, guide, elbo, optim, {**batch, **options}, scale)
+                try:
+                    losses[step] = _step(model, guide, elbo, optim, {**batch, **options}, scale)
+                except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
+                    if step == 0:
+                        raise
+                    optimisation_failed(err, losses, step, *learning_rate_fix(engine))
                 if (step + 1) % block == 0 or step + 1 == engine.num_steps:
                     bar.update(step + 1 - bar.n)
                     bar.set_postfix(loss=f"{losses[step]:.4g}")
+        check_final_loss(losses, *learning_rate_fix(engine))
         params = {name: np.array(to_numpy(value)) for name, value in pyro.get_param_store().items()}
         wall = time.perf_counter() - begin
     return assemble_amortized(

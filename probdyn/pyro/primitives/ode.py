@@ -135,6 +135,48 @@ class _Field(torch.nn.Module):
             raise _StepLimit(f"more than max_steps={self.max_steps} steps")
 
 
+class _GuardedBacksolve(torch.autograd.Function):
+    """``odeint_adjoint`` whose backward solve may fail without ending the run.
+
+    The continuous adjoint solves a second ODE backwards when gradients are
+    taken, long after `NeuralODE` returned; torchdiffeq raises there (a step size
+    that underflows, too many steps), which would abort the sampler. Here the
+    backward solve runs inside this function's ``backward``: if it fails, the
+    failure is counted (`failed_solves`) and the solve contributes no gradient.
+    The sampler stays exact (Hamiltonian Monte Carlo is valid with any force that
+    depends on the position alone; a wrong one only costs acceptance).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, solve: Callable[[Tensor], Tensor], z0: Tensor, *params: Tensor) -> Tensor:
+        with torch.enable_grad():
+            start = z0.detach().requires_grad_(z0.requires_grad)
+            ys = solve(start)
+        ctx.graph = (ys, start, params)
+        return ys.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        ys, start, params = ctx.graph
+        ctx.graph = None
+        inputs = (start, *params)
+        wanted = [i for i, x in enumerate(inputs) if x.requires_grad]
+        grads: list[Tensor | None] = [None] * len(inputs)
+        if wanted and ys.requires_grad:
+            try:
+                found = torch.autograd.grad(
+                    ys, [inputs[i] for i in wanted], grad, allow_unused=True
+                )
+            except Exception:  # the backward solve failed (underflow, step limit)
+                _FAILURES.add(1)
+                for i in wanted:  # zeros, not None: the parameters were used
+                    grads[i] = torch.zeros_like(inputs[i])
+            else:
+                for i, g in zip(wanted, found, strict=True):
+                    grads[i] = g
+        return (None, *grads)
+
+
 def _per_series_norm(x: Tensor) -> Tensor:
     # A batched solve shares its steps; taking the worst series' RMS error makes
     # every series meet rtol/atol on its own, not just on average.
@@ -254,7 +296,10 @@ class NeuralODE(NeuralODEBase):
 
     A failed solve returns zeros for its series, counts towards `failed_solves`,
     and, inside a Pyro model, makes the factor site ``f"{name}.failed"`` -inf (the
-    site is always present, 0 when every solve succeeded).
+    site is always present, 0 when every solve succeeded). With
+    ``adjoint="backsolve"`` the adjoint ODE is solved when gradients are taken; if
+    that backward solve fails, it counts towards `failed_solves` and the solve
+    contributes a zero gradient instead of ending the run.
 
     Raises:
         ValueError: unknown solver/adjoint, a solver or adjoint this backend lacks,
@@ -315,7 +360,15 @@ class NeuralODE(NeuralODEBase):
             probe = self.vector_field(grid[0].to(z0.dtype), state, args)
             kwargs["adjoint_params"] = _grad_leaves(probe) if torch.is_grad_enabled() else ()
         try:
-            ys = ADJOINTS[self.adjoint](field, z0, grid, **kwargs)  # type: ignore[misc]
+            if self.adjoint == "backsolve" and torch.is_grad_enabled():
+                params = kwargs["adjoint_params"]
+
+                def solve(start: Tensor) -> Tensor:
+                    return odeint_adjoint(field, start, grid, **kwargs)  # type: ignore[no-any-return]
+
+                ys = _GuardedBacksolve.apply(solve, z0, *params)
+            else:
+                ys = ADJOINTS[self.adjoint](field, z0, grid, **kwargs)  # type: ignore[misc]
         except Exception:  # step limit, dt underflow, non-finite state, a solver error
             return None
         return ys if bool(torch.isfinite(ys).all()) else None

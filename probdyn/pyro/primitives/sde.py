@@ -31,8 +31,10 @@ import torch
 from pyro.poutine.runtime import am_i_wrapped
 from torch import Tensor
 
+from probdyn.engines.keys import int_key
 from probdyn.primitives.sde import additive_error, check_site_shape, positive_error
 from probdyn.primitives.sde_base import NeuralSDEBase
+from probdyn.pyro.bridge import torch_seed
 from probdyn.pyro.primitives.ode import _FAILURES, _as_state
 from probdyn.pyro.primitives.sde_solvers import solve
 
@@ -216,8 +218,9 @@ def _generator(key: Any) -> torch.Generator | None:
     """The generator for ``key``; None (torch's global RNG, as ``pyro.sample``) for None."""
     if key is None or isinstance(key, torch.Generator):
         return key
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return torch.Generator().manual_seed(int(key))
+    seed = int_key(key)  # ValueError outside [0, 2**64)
+    if seed is not None:
+        return torch.Generator().manual_seed(torch_seed(seed))
     raise TypeError(
         f"NeuralSDE: key={key!r}; expected an int seed or a torch.Generator "
         "(torch.Generator().manual_seed(0))."
