@@ -188,6 +188,23 @@ def test_a_model_using_both_ppls_is_refused() -> None:
         probdyn.fit(_np_line, X, Y, engine=QUICK, backend="pyro")
 
 
+def test_a_name_imported_in_the_model_body_is_not_read_as_a_global() -> None:
+    """``from pyro.distributions import Normal`` inside a Pyro model, in a module whose
+    global ``Normal`` is NumPyro's: the model uses one PPL and is not refused."""
+    pytest.importorskip("pyro")
+    from probdyn.core.fit import detect_backend
+
+    module_globals: dict[str, Any] = {"Normal": dist.Normal}
+    exec(
+        "def model():\n"
+        "    import pyro\n"
+        "    from pyro.distributions import Normal\n"
+        "    pyro.sample('a', Normal(0.0, 1.0))\n",
+        module_globals,
+    )
+    assert detect_backend(module_globals["model"]) == "pyro"
+
+
 # -- case 10: errors that name the argument -------------------------------------------------
 def test_nan_in_a_model_input_names_it(m: SimpleNamespace) -> None:
     x = X.copy()
@@ -257,3 +274,43 @@ def test_two_threads_fit_as_each_does_alone(m: SimpleNamespace) -> None:
         assert set(a.samples) == set(b.samples)
         for name in a.samples:
             np.testing.assert_array_equal(a.samples[name], b.samples[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cls, method",
+    [("LatentODE", "predict"), ("LatentSDE", "predict"), ("LatentSDE", "sample_prior")],
+)
+def test_latent_entry_points_wait_for_the_model_lock(backend: str, cls: str, method: str) -> None:
+    """The latent models' own entry points run the model outside fit/Posterior: each
+    waits while another thread holds the lock, and runs once it is released."""
+    import importlib
+
+    from probdyn.core.locking import model_lock
+
+    fn = getattr(getattr(importlib.import_module(f"probdyn.{backend}"), cls), method)
+    held, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with model_lock:
+            held.set()
+            release.wait(10)
+
+    def call() -> None:
+        entered.set()
+        try:
+            fn(None)  # past the lock, the body fails on the missing instance
+        except Exception:
+            pass
+
+    holder, caller = threading.Thread(target=hold), threading.Thread(target=call)
+    holder.start()
+    held.wait(10)
+    caller.start()
+    entered.wait(10)
+    caller.join(0.3)
+    assert caller.is_alive(), f"{cls}.{method} ran while another thread held the lock"
+    release.set()
+    caller.join(10)
+    holder.join(10)
+    assert not caller.is_alive()

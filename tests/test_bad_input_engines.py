@@ -57,8 +57,7 @@ def test_large_keys_are_their_own_streams(backend: str) -> None:
     assert big.attrs["seed"] == 2**32 and type(big.attrs["seed"]) is int
     top = zero.predict(Y, key=2**64 - 1)["y"]
     np.testing.assert_array_equal(zero.predict(Y, key=np.uint64(2**64 - 1))["y"], top)
-    if backend == "numpyro":  # Pyro: see test_torch_seeds_use_all_64_bits
-        assert not np.array_equal(top, zero.predict(Y, key=2**32 - 1)["y"])
+    assert not np.array_equal(top, zero.predict(Y, key=2**32 - 1)["y"])
     with pytest.raises(ValueError, match=r"key=-1: an int key must be in \[0, 2\*\*64\)"):
         zero.predict(Y, key=-1)
 

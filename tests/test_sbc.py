@@ -440,7 +440,11 @@ def latent_only_model(n: int) -> None:
         (lambda: _sbc("nuts"), TypeError, "engine="),  # type: ignore[arg-type]
         (lambda: _sbc(ExactNormal(), 0), ValueError, "num_simulations=0"),
         (lambda: _sbc(ExactNormal(), 2.5), ValueError, "num_simulations=2.5"),  # type: ignore[arg-type]
-        (lambda: _sbc(ExactNormal(), key=-1), TypeError, "key=-1"),
+        (
+            lambda: _sbc(ExactNormal(), key=-1),
+            ValueError,
+            r"key=-1: an int key must be in \[0, 2\*\*64\)",
+        ),
         (lambda: _sbc(ExactNormal(), key="a"), TypeError, "key='a'"),  # type: ignore[arg-type]
         (lambda: _sbc(ExactNormal(), num_workers=0), ValueError, "num_workers=0"),
         (lambda: _sbc(ExactNormal(), num_rank_draws="most"), ValueError, "num_rank_draws"),

@@ -119,7 +119,8 @@ def assemble_posterior(
     if num_failed_solves:
         warnings.warn(
             f"{num_failed_solves} ODE/SDE solve(s) failed during the run (max_steps reached or a "
-            "non-finite state); those proposals were rejected. See "
+            "non-finite state: those proposals were rejected; or a failed backward adjoint "
+            "solve: that gradient was set to zero). See "
             "posterior.attrs['num_failed_solves'].",
             RuntimeWarning,
             stacklevel=stacklevel,

@@ -17,6 +17,8 @@ needs from one it asks of the backend's entry here:
                              replicated data for every draw (`Posterior` methods)
   ``predict(...)``           the model run forward for every draw (`Posterior.predict`)
   ``trace_once(...)``        one run of a model, sites sorted by role (`probdyn.sbc`)
+  ``check_inputs(labelled)`` raise TypeError for another backend's array among a
+                             model's labelled arguments (optional: skipped if absent)
   ``precision()``            the float settings in force (to copy into workers)
   ``set_precision(env)``     apply them in a worker process
   ========================= ===========================================================

@@ -120,8 +120,12 @@ def _referenced_modules(fn: Callable[..., Any]) -> set[str]:
 
     def visit_code(code: types.CodeType, globs: dict[str, Any]) -> None:
         # Modules imported inside the function body (``import pyro`` in the model).
-        found.update(i.argval for i in dis.get_instructions(code) if i.opname == "IMPORT_NAME")
-        for name in code.co_names:
+        instructions = list(dis.get_instructions(code))
+        found.update(i.argval for i in instructions if i.opname == "IMPORT_NAME")
+        # Only names read as globals: ``co_names`` also holds attribute names and the
+        # names of ``from m import name`` inside the body, which are not the module's
+        # globals of the same name.
+        for name in {i.argval for i in instructions if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}:
             obj = globs.get(name)
             if obj is not None:
                 visit_obj(obj, globs)

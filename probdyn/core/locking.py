@@ -24,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -36,6 +37,7 @@ __all__ = [
     "current_verb",
     "is_array",
     "label_of",
+    "locked",
     "model_arrays",
     "model_call",
     "model_lock",
@@ -43,6 +45,20 @@ __all__ = [
 
 model_lock = threading.RLock()
 """Held around every model run; reentrant (see the module docstring)."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked(method: _F) -> _F:
+    """``method`` run holding `model_lock`: for the primitives' own entry points that
+    run a model outside `probdyn.fit` and `Posterior` (``LatentODE.predict``, ...)."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with model_lock:
+            return method(*args, **kwargs)
+
+    return cast(_F, run)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from probdyn.core.posterior import Posterior
 from probdyn.diagnostics.compare_args import _Binder, _short, _to_numpy
 from probdyn.diagnostics.compare_score import _progress_line, _run_one
 from probdyn.diagnostics.markdown import format_markdown
+from probdyn.engines.keys import KEY_BOUND, int_key
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -264,7 +265,8 @@ def compare(
     observations = np.asarray(_to_numpy(test[1]))
     test_args = binder.bind_test(train, test[0], observations)
     call = binder.call_of(test_args)
-    score_key = key + 1 if isinstance(key, int) and not isinstance(key, bool) else key
+    seed = int_key(key)
+    score_key = key if seed is None else (seed + 1) % KEY_BOUND
 
     rows, posteriors, predictions, errors = [], {}, {}, {}
     site = predict_site or observed_site

@@ -29,6 +29,7 @@ from probdyn.diagnostics.sbc_model import _data_args, _is_int, _quantities, _tra
 from probdyn.diagnostics.sbc_result import SBCResult, _result
 from probdyn.diagnostics.sbc_run import _run_all
 from probdyn.diagnostics.sbc_simulation import _Job
+from probdyn.engines.keys import int_key
 
 __all__ = ["SBCResult", "sbc"]
 
@@ -111,10 +112,10 @@ def sbc(
     Raises:
         TypeError: for an engine that is not an engine config, a non-int key, or a
             model that cannot be pickled when ``num_workers > 1``.
-        ValueError: for bad counts, unknown sites, a model without observed
-            sites, observations that cannot be matched to an argument, or a
-            checkpoint written by a different run (other settings, or a model
-            whose code has changed since).
+        ValueError: for an int key outside ``[0, 2**64)``, bad counts, unknown
+            sites, a model without observed sites, observations that cannot be
+            matched to an argument, or a checkpoint written by a different run
+            (other settings, or a model whose code has changed since).
         FileNotFoundError: for a ``checkpoint`` in a directory that does not exist.
 
     Example:
@@ -127,6 +128,7 @@ def sbc(
         (3,)
     """
     _check_inputs(engine, num_simulations, key, num_workers, num_rank_draws, model)
+    key = int_key(key)  # a NumPy integer as a plain int (checked above)
     args, kwargs = tuple(args), dict(kwargs or {})
     if backend is None:
         backend = detect_backend(model, args, kwargs)
@@ -172,7 +174,11 @@ def _check_inputs(
     for name, value in (("num_simulations", num_simulations), ("num_workers", num_workers)):
         if not _is_int(value) or value < 1:
             raise ValueError(f"sbc({name}={value!r}): {name} must be a positive integer.")
-    if not _is_int(key) or not 0 <= key < 2**63:
+    try:
+        seed = int_key(key)
+    except ValueError as err:
+        raise ValueError(f"sbc: {err}") from None
+    if seed is None:
         raise TypeError(f"sbc(key={key!r}): key must be a non-negative int seed, e.g. key=0.")
     if not (rank_draws in _RANK_DRAW_RULES or (_is_int(rank_draws) and rank_draws >= 1)):
         raise ValueError(

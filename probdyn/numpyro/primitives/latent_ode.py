@@ -38,6 +38,7 @@ import numpyro.distributions as dist
 from jaxtyping import Array, ArrayLike, Float
 from numpyro.infer import Predictive
 
+from probdyn.core.locking import locked
 from probdyn.numpyro.bridge import as_key
 from probdyn.numpyro.primitives.bnn import ACTIVATIONS, MLP, _init_mlp, lift
 from probdyn.numpyro.primitives.ode import NeuralODE, _concrete
@@ -225,6 +226,7 @@ class LatentODE(LatentODEBase[NeuralODE]):
         with numpyro.plate(f"{self.name}.series", times.shape[0]):
             numpyro.sample(f"{self.name}.z0", dist.Normal(loc, scale).to_event(1))
 
+    @locked
     def predict(
         self,
         params: dict[str, Any],

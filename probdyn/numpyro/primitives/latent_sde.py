@@ -68,6 +68,7 @@ from jaxtyping import Array, ArrayLike
 from numpyro import handlers
 from numpyro.infer import Predictive
 
+from probdyn.core.locking import locked
 from probdyn.numpyro.bridge import ConcreteValueError, as_key
 from probdyn.numpyro.primitives.bnn import ACTIVATIONS, MLP, _init_mlp, lift
 from probdyn.numpyro.primitives.latent_sde_networks import (
@@ -357,6 +358,7 @@ class LatentSDE(LatentSDEBase):
         numpyro.deterministic(f"{self.name}.posterior_path", path)
 
     # -- prediction ---------------------------------------------------------------------------
+    @locked
     def predict(
         self,
         params: dict[str, Any],
@@ -403,6 +405,7 @@ class LatentSDE(LatentSDEBase):
         out = pred(as_key(key), times, values, mask, t0=t0, target_times=target_times)
         return {k: np.asarray(out[v]) for k, v in names.items()}
 
+    @locked
     def sample_prior(
         self,
         params: dict[str, Any],

@@ -41,6 +41,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from probdyn.core.locking import locked
 from probdyn.primitives.init_weights import init_gru as _init_gru
 from probdyn.primitives.init_weights import init_layers as _init_layers
 from probdyn.primitives.latent_ode import LatentODEBase, autonomous_field, nonfinite_value_error
@@ -271,6 +272,7 @@ class LatentODE(LatentODEBase[NeuralODE]):
         with pyro.plate(f"{self.name}.series", times.shape[0], dim=-1):
             pyro.sample(f"{self.name}.z0", dist.Normal(loc, scale).to_event(1))
 
+    @locked
     def predict(
         self,
         params: dict[str, Any],

@@ -40,6 +40,7 @@ import pyro.poutine as poutine
 import torch
 from torch import Tensor
 
+from probdyn.core.locking import locked
 from probdyn.primitives.init_weights import init_diffusion as _init_diffusion
 from probdyn.primitives.init_weights import init_gru as _init_gru
 from probdyn.primitives.init_weights import init_layers as _init_layers
@@ -357,6 +358,7 @@ class LatentSDE(LatentSDEBase):
         _guide_deterministic(f"{self.name}.posterior_path", path)
 
     # -- prediction ---------------------------------------------------------------------------
+    @locked
     def predict(
         self,
         params: dict[str, Any],
@@ -407,6 +409,7 @@ class LatentSDE(LatentSDEBase):
                     rows[k].append(_numpy(m.nodes[v]["value"]))
         return {k: np.stack(v) for k, v in rows.items()}
 
+    @locked
     def sample_prior(
         self,
         params: dict[str, Any],
