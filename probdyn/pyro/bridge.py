@@ -95,7 +95,7 @@ def isolated(seed: int) -> Iterator[None]:
     parameter store; restore the global RNG states and the user's store after."""
     np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
-        torch.manual_seed(torch_seed(seed))
+        torch.manual_seed(seed)
         try:
             yield
         finally:

@@ -29,6 +29,7 @@ from probdyn.pyro.bridge import (
     observed_sites,
     to_numpy,
     to_torch_args,
+    torch_seed,
     trace_model,
     uncondition,
     with_params,
@@ -141,7 +142,8 @@ def predict(
         _check_sites(sites, model, args, kwargs)
     lead, draws = _flat_draws(post.samples, latent, num_draws)
     rows = []
-    with isolated(seed), torch.no_grad():
+    # A user's key: all 64 bits reach torch (`torch_seed`; unchanged below 2**32).
+    with isolated(torch_seed(seed)), torch.no_grad():
         for draw in draws:
             model_d = with_params(post.model, {**post.params, **draw})  # as in forward_draws
             tr = trace_model(poutine.condition(uncondition()(model_d), data=draw), args, kwargs)

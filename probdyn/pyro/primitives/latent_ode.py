@@ -46,7 +46,7 @@ from probdyn.primitives.init_weights import init_gru as _init_gru
 from probdyn.primitives.init_weights import init_layers as _init_layers
 from probdyn.primitives.latent_ode import LatentODEBase, autonomous_field, nonfinite_value_error
 from probdyn.primitives.series import PaddedSeries, pad_series
-from probdyn.pyro.bridge import as_seed, isolated, with_params
+from probdyn.pyro.bridge import as_seed, isolated, torch_seed, with_params
 from probdyn.pyro.primitives.bnn import ACTIVATIONS, MLP, Linear
 from probdyn.pyro.primitives.ode import NeuralODE
 
@@ -310,7 +310,7 @@ class LatentODE(LatentODEBase[NeuralODE]):
         model, guide = with_params(self.model, params), with_params(self.guide, params)
         means: list[Tensor] = []
         z0s: list[Tensor] = []
-        with isolated(as_seed(key)), torch.no_grad():
+        with isolated(torch_seed(as_seed(key))), torch.no_grad():
             for _ in range(num_draws):
                 q = poutine.trace(guide).get_trace(times, values, mask, t0=t0)
                 tr = poutine.trace(poutine.replay(model, trace=q)).get_trace(

@@ -46,7 +46,7 @@ from probdyn.primitives.init_weights import init_gru as _init_gru
 from probdyn.primitives.init_weights import init_layers as _init_layers
 from probdyn.primitives.latent_grid import BatchLayout, prior_target_times
 from probdyn.primitives.latent_sde import LatentSDEBase
-from probdyn.pyro.bridge import as_seed, isolated, with_params
+from probdyn.pyro.bridge import as_seed, isolated, torch_seed, with_params
 from probdyn.pyro.primitives.bnn import ACTIVATIONS, MLP, Linear
 from probdyn.pyro.primitives.latent_sde_networks import (
     ContextEncoder,
@@ -398,7 +398,7 @@ class LatentSDE(LatentSDEBase):
         """
         names = self._prediction_sites()
         rows: dict[str, list[np.ndarray]] = {k: [] for k in names}
-        with isolated(as_seed(key)), torch.no_grad():
+        with isolated(torch_seed(as_seed(key))), torch.no_grad():
             model, guide = with_params(self.model, params), with_params(self.guide, params)
             for _ in range(num_draws):
                 g = poutine.trace(guide).get_trace(times, values, mask, t0=t0)
@@ -441,7 +441,7 @@ class LatentSDE(LatentSDEBase):
             (8, 2, 3)
         """
         target, times = prior_target_times(num_series, target_times, _numpy)
-        with isolated(as_seed(key)), torch.no_grad():
+        with isolated(torch_seed(as_seed(key))), torch.no_grad():
             model: Callable[..., Any] = with_params(self.model, params)
             tr = poutine.trace(model).get_trace(times, t0=t0, target_times=target)
         return {
