@@ -128,7 +128,6 @@ def sbc(
         (3,)
     """
     _check_inputs(engine, num_simulations, key, num_workers, num_rank_draws, model)
-    key = int_key(key)  # a NumPy integer as a plain int (checked above)
     args, kwargs = tuple(args), dict(kwargs or {})
     if backend is None:
         backend = detect_backend(model, args, kwargs)
