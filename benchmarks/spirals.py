@@ -35,11 +35,17 @@ per ``num_observed``, 45 in all); ``--medium`` uses 200 spirals and 1500 steps
 (about 12 minutes in all); ``--quick`` (smoke) 64 spirals and 400 steps (about 4
 minutes). Held-out spirals: 200 / 100 / 32.
 
-Run ``python benchmarks/spirals.py [--quick | --medium] [--json out.json]``.
+Run ``python benchmarks/spirals.py [--quick | --medium] [--json out.json]``. Options
+for studying the gap to Chen et al. (each overrides the chosen size's setting):
+``--steps N``, ``--series N``, ``--observed 30,50``, ``--lr-fraction F`` (the learning
+rate's final fraction: 1.0 is Chen et al.'s constant rate), ``--solver NAME`` and
+``--dt0 X`` (e.g. ``--solver dopri5 --dt0 0.05``: adaptive, as Chen et al.),
+``--checkpoint PREFIX`` (a resumable fit per column, ``PREFIX-<observed>.ckpt``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -70,6 +76,9 @@ class Settings:
     num_heldout: int = 200
     dt0: float = 0.05
     observed: tuple[int, ...] = (30, 50, 100)
+    final_lr_fraction: float = 0.1
+    solver: str = "heun"
+    checkpoint: str | None = None
 
     @classmethod
     def medium(cls) -> Settings:
@@ -91,7 +100,7 @@ def coverage(draws: np.ndarray, target: np.ndarray, level: float = LEVEL) -> flo
     return float(np.mean((target >= lo) & (target <= hi)))
 
 
-def make_model(dt0: float) -> LatentODE:
+def make_model(dt0: float, solver: str = "heun") -> LatentODE:
     """Chen et al.'s sizes (see the module docstring)."""
     return LatentODE(
         obs_dim=2,
@@ -100,7 +109,7 @@ def make_model(dt0: float) -> LatentODE:
         decoder_sizes=(20,),
         encoder_hidden=25,
         obs_scale=0.3,
-        solver="heun",
+        solver=solver,
         dt0=dt0,
     )
 
@@ -128,13 +137,15 @@ def run_one(num_observed: int, s: Settings) -> dict[str, Any]:
     """Fit one latent ODE on ``num_observed`` of 100 points; score it."""
     data = spirals(s.num_series, num_observed=num_observed, key=SEED + num_observed)
     heldout = spirals(s.num_heldout, num_observed=num_observed, key=SEED + 1000 + num_observed)
-    lode = make_model(s.dt0)
+    lode = make_model(s.dt0, s.solver)
     engine = probdyn.VI(
         guide=lode.guide,
         num_steps=s.num_steps,
         learning_rate=s.learning_rate,
         num_draws=s.num_draws,
+        final_learning_rate_fraction=s.final_lr_fraction,
         progress_bar=False,
+        checkpoint=f"{s.checkpoint}-{num_observed}.ckpt" if s.checkpoint else None,
     )
     target = np.concatenate([data.window_times, data.extrap_times])
     start = time.perf_counter()
@@ -182,13 +193,29 @@ def run_one(num_observed: int, s: Settings) -> dict[str, Any]:
     return out
 
 
+def _study_options() -> dict[str, Any]:
+    """The study options of the module docstring given (they are removed from argv)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--steps", type=int, dest="num_steps")
+    parser.add_argument("--series", type=int, dest="num_series")
+    parser.add_argument("--observed", type=lambda v: tuple(int(x) for x in v.split(",")))
+    parser.add_argument("--lr-fraction", type=float, dest="final_lr_fraction")
+    parser.add_argument("--solver")
+    parser.add_argument("--dt0", type=float)
+    parser.add_argument("--checkpoint")
+    known, sys.argv[1:] = parser.parse_known_args()
+    return {k: v for k, v in vars(known).items() if v is not None}
+
+
 def main() -> None:
+    options = _study_options()
     args = h.parse_args(
         __doc__.splitlines()[0],
         default_repeats=1,
         flags={"--medium": "200 spirals, 1500 Adam steps (between --quick and the default)"},
     )
     s = Settings.quick() if args.quick else Settings.medium() if args.medium else Settings()
+    s = dataclasses.replace(s, **options)
     print(f"spirals benchmark (issue #5); {os.cpu_count()} CPU cores; settings {s}", flush=True)
     warnings.filterwarnings("ignore", message=r".*solve\(s\) failed", category=RuntimeWarning)
     results = {n: run_one(n, s) for n in s.observed}

@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from probdyn.core.backends import register_runner
-from probdyn.core.engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
+from probdyn.core.engines import HMC, MCLMC, NUTS, SMC, VI, AbstractEngine, Ensemble
 from probdyn.core.fit import fit
 from probdyn.core.io import load
 from probdyn.core.posterior import Posterior
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HMC",
+    "MCLMC",
     "NUTS",
     "SMC",
     "VI",

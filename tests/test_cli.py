@@ -41,9 +41,14 @@ def test_demo_quick_writes_outputs(tmp_path: Path, flags: tuple[str, ...]) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Calibration on the held-out extrapolation window" in result.stdout
     assert "held-out observations" in result.stdout
+    assert "--quick: smoke-test sizes, not converged" in result.stdout
+    assert "Shape validation failed" not in result.stderr
+    (run,) = tmp_path.iterdir()  # a run folder named after the run
+    engine, data = flags[1], flags[3] if len(flags) > 3 else "synthetic"
+    assert run.name == f"{data}-numpyro-{engine}-quick"
     for name in ("posterior.nc", "predictive.png", "calibration.csv", "summary.csv"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    post = probdyn.load(tmp_path / "posterior.nc")
+        assert (run / name).stat().st_size > 0, name
+    post = probdyn.load(run / "posterior.nc")
     assert post.backend == "numpyro"
     assert {"alpha", "gamma", "sigma", "z0", "z"} <= set(post.samples)
     assert np.all(np.isfinite(post.samples["alpha"]))
@@ -56,9 +61,10 @@ def test_demo_quick_pyro_backend(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "engine=vi, backend=pyro" in result.stdout
     assert "Calibration on the held-out extrapolation window" in result.stdout
+    run = tmp_path / "synthetic-pyro-vi-quick"
     for name in ("posterior.nc", "predictive.png", "calibration.csv", "summary.csv"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    post = probdyn.load(tmp_path / "posterior.nc")
+        assert (run / name).stat().st_size > 0, name
+    post = probdyn.load(run / "posterior.nc")
     assert post.backend == "pyro" and post.attrs["engine"]["engine"] == "VI"
     assert {"alpha", "gamma", "sigma", "z0", "z"} <= set(post.samples)
     assert post.samples["z"].shape == (1, 60, 16, 2)

@@ -94,6 +94,12 @@ ENGINES = {
         probdyn.Ensemble(num_members=20, num_steps=1500, learning_rate=0.05, progress_bar=False),
         {"normal": "none", "blr": "none"},
     ),
+    # No Metropolis test: the bias is set by desired_energy_variance (default 5e-4),
+    # and must stay within the Monte-Carlo error of these 1000 draws (thinned 10 to 1).
+    "mclmc": (
+        probdyn.MCLMC(num_warmup=2000, num_samples=500, num_chains=2, progress_bar=False),
+        {"normal": "mean+sd", "blr": "mean+sd"},
+    ),
     "smc": (
         probdyn.SMC(num_particles=1000, num_mcmc_steps=5, progress_bar=False),
         {"normal": "mean+sd", "blr": "mean+sd"},
@@ -118,6 +124,7 @@ BACKENDS = ("numpyro", "pyro")
 # raises this error, and the case is a strict expected failure.
 UNSUPPORTED = {
     ("vi-flow", "normal", "*"): (ValueError, "a flow guide needs >= 2 latent dimensions"),
+    ("mclmc", "*", "pyro"): (NotImplementedError, "MCLMC runs on the NumPyro backend only"),
 }
 
 

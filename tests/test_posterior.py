@@ -98,17 +98,34 @@ def test_predict_on_new_inputs(nuts_post, tmp_path: Path) -> None:
     np.testing.assert_allclose(again["mean"], pred["mean"])
 
 
+# 2 chains x 40 draws: every ESS is under 100, so summary() flags the rows and warns.
+@pytest.mark.filterwarnings("ignore:.* of .* summary rows:UserWarning")
 def test_summary_folds_large_sites(nuts_post) -> None:
     table = nuts_post.summary()  # default: sites with more than 10 elements fold
-    assert "mean[12]" in table.index and "sigma" in table.index
+    assert "mean (12 elements, worst)" in table.index and "sigma" in table.index
     assert "net.layers.1.weight[0, 0]" in table.index  # 6 elements: one row each
     folded = nuts_post.summary(max_elements=5)
-    assert "net.layers.1.weight[6]" in folded.index
-    row = folded.loc["net.layers.1.weight[6]"]
+    assert "net.layers.1.weight (6 elements, worst)" in folded.index
+    row = folded.loc["net.layers.1.weight (6 elements, worst)"]
     per_element = nuts_post.summary(max_elements=None)
     weights = per_element.loc[[f"net.layers.1.weight[{i}, 0]" for i in range(6)]]
     assert row["r_hat"] == weights["r_hat"].max()
     assert row["ess_bulk"] == weights["ess_bulk"].min()
+
+
+def test_summary_warns_about_few_effective_draws(nuts_post) -> None:
+    with pytest.warns(UserWarning, match=r"summary rows (look unconverged|have few effective)"):
+        table = nuts_post.summary()
+    assert (table["ess_bulk"] < 100).all() and table["flag"].str.contains("ess < 100").all()
+
+
+def test_vi_summary_has_no_rhat_and_no_arviz_shape_warning(vi_post, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        table = vi_post.summary()
+    assert table["r_hat"].isna().all() and "flag" not in table
+    assert not [r for r in caplog.records if "Shape validation" in r.getMessage()]
 
 
 def test_backend_detection() -> None:

@@ -87,6 +87,35 @@ def to_inference_data(post: Posterior):  # type: ignore[no-untyped-def]
     return idata
 
 
+def diagnostics_data(post: Posterior):  # type: ignore[no-untyped-def]
+    """The posterior draws as ``arviz.InferenceData`` for convergence diagnostics.
+
+    ArviZ's rank-normalised R-hat compares chains and refuses a single one: on a
+    one-chain posterior (VI, ensembles, SMC and one-chain NUTS all give one)
+    ``az.summary`` logs "Shape validation failed: ... minimum_shape: (chains=2,
+    draws=4)" once per variable and reports ``r_hat`` NaN. The check it needs is
+    within the chain, so a single chain of at least 8 draws is given to ArviZ as its
+    first and second halves (an odd last draw dropped). ArviZ splits every chain
+    in two again, so R-hat compares the chain's four quarters: a within-chain
+    check of stationarity, as split R-hat is for one chain in Stan; the ESS is
+    estimated from the same quarters. Several chains are passed as they are.
+
+    Example:
+        >>> import numpy as np
+        >>> from probdyn.core.posterior import Posterior
+        >>> post = Posterior(samples={"a": np.zeros((1, 9))})
+        >>> diagnostics_data(post).posterior["a"].shape
+        (2, 4)
+    """
+    az = import_arviz()
+    samples = {n: np.asarray(v) for n, v in post.samples.items()}
+    chains, draws = next(iter(samples.values())).shape[:2]
+    if chains == 1 and draws >= 8:
+        half = draws // 2
+        samples = {n: v[:, : 2 * half].reshape((2, half, *v.shape[2:])) for n, v in samples.items()}
+    return az.from_dict(posterior=samples, dims=_event_dims({"posterior": samples}))
+
+
 def from_inference_data(idata: Any) -> dict[str, Any]:
     """Read the groups and metadata back from ``arviz.InferenceData``.
 

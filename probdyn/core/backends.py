@@ -37,7 +37,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from probdyn.core.engines import HMC, NUTS, SMC, VI, AbstractEngine, Ensemble
+from probdyn.core.engines import HMC, MCLMC, NUTS, SMC, VI, AbstractEngine, Ensemble
 
 __all__ = [
     "Backend",
@@ -219,4 +219,5 @@ for _b in ("numpyro", "pyro"):
     register_runner(Ensemble, _b, f"{_engines}.ensemble:run_ensemble")
     register_runner(SMC, _b, f"{_engines}.smc:run_smc")
     register_runner(SMC, _b, f"{_engines}.fksmc:run_fksmc", variant="minibatch")
+    register_runner(MCLMC, _b, f"{_engines}.mclmc:run_mclmc")
 del _b, _engines

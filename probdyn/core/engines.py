@@ -8,6 +8,10 @@ Every config validates its fields when it is built and raises an error that name
 the field, the value and the fix. Misspelt keyword arguments are caught too, with a
 suggestion of the closest valid name (`probdyn.core.engine_base`: the base class and
 the field checks the configs share).
+
+This module is longer than 500 lines because every engine config keeps its whole
+user documentation (most of the lines) beside its field checks, so that one file
+lists every engine a user can choose.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from probdyn.core.engine_base import (
     _check_probability,
 )
 
-__all__ = ["HMC", "NUTS", "SMC", "VI", "AbstractEngine", "Ensemble"]
+__all__ = ["HMC", "MCLMC", "NUTS", "SMC", "VI", "AbstractEngine", "Ensemble", "ensemble_init"]
 
 _CHAIN_METHODS = ("sequential", "vectorized", "parallel")
 _INIT_STRATEGIES = ("median", "sample", "map")
+_MCMC_INITS = (*_INIT_STRATEGIES, "ensemble")
 _GUIDES = ("normal", "lowrank", "flow")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SMC_KERNELS = ("hmc", "mala", "rw")
@@ -44,20 +49,49 @@ def _check_mcmc(engine: NUTS | HMC) -> None:
     _check_probability(cls, "target_accept", engine.target_accept)
     _check_choice(cls, "chain_method", engine.chain_method, _CHAIN_METHODS)
     _check_init(cls, engine.init)
+    if isinstance(engine.init, Ensemble) and engine.init.num_members < engine.num_chains:
+        raise ValueError(
+            f"{cls}(num_chains={engine.num_chains}, init=Ensemble(num_members="
+            f"{engine.init.num_members})): one chain starts at each member, so the ensemble "
+            "needs at least num_chains members."
+        )
     object.__setattr__(engine, "dense_mass", _check_dense_mass(cls, engine.dense_mass))
 
 
 def _check_init(cls: str, value: Any) -> None:
-    """Raise unless ``init`` is a start strategy of an MCMC engine or a ``Posterior``."""
+    """Raise unless ``init`` is a start strategy of an MCMC engine: one of
+    ``_MCMC_INITS``, an `Ensemble` config or a ``Posterior``."""
     if isinstance(value, str):
-        _check_choice(cls, "init", value, _INIT_STRATEGIES)
+        _check_choice(cls, "init", value, _MCMC_INITS)
+        return
+    if isinstance(value, Ensemble):  # validated when it was built
         return
     if type(value).__name__ != "Posterior":
         raise ValueError(
-            f"{cls}(init={value!r}): init must be 'median', 'sample', 'map' or a "
-            "probdyn.Posterior "
-            "(for example a VI fit, to start the chains from its draws)."
+            f"{cls}(init={value!r}): init must be 'median', 'sample', 'map', 'ensemble', "
+            "a probdyn.Ensemble(...) config (one chain from each of its MAP members) or a "
+            "probdyn.Posterior (for example a VI fit, to start the chains from its draws)."
         )
+
+
+def ensemble_init(engine: Any) -> Ensemble | None:
+    """The `Ensemble` config an MCMC engine's ``init`` asks for, or None.
+
+    ``init="ensemble"`` means ``Ensemble(num_members=num_chains)`` with the
+    `Ensemble` defaults otherwise; an `Ensemble` config is used as given.
+
+    Example:
+        >>> ensemble_init(NUTS(num_chains=4, init="ensemble")).num_members
+        4
+        >>> ensemble_init(NUTS()) is None
+        True
+    """
+    init = getattr(engine, "init", None)
+    if isinstance(init, Ensemble):
+        return init
+    if init == "ensemble":
+        return Ensemble(num_members=engine.num_chains, progress_bar=engine.progress_bar)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +118,35 @@ class NUTS(AbstractEngine):
         init: ``"median"`` (prior medians), ``"sample"`` (prior draws),
             ``"map"`` (a MAP estimate found by Adam from the prior medians; every
             chain starts there, slightly jittered, and fitted ``param`` sites are
-            held at their MAP values) or a ``Posterior`` (for example a VI fit):
-            chains start from its draws and its fitted deterministic parameters
-            are held fixed.
+            held at their MAP values), ``"ensemble"`` or an `Ensemble` config (a
+            deep ensemble is fitted first, in one vectorised program, and one chain
+            starts at each member: the recommended start for neural models, see
+            "Ensemble-started chains" below), or a ``Posterior`` (for example a VI
+            fit, or an `Ensemble` fit): chains start from its draws, spread evenly
+            over them, and its fitted deterministic parameters are held fixed.
         dense_mass: ``True`` adapts one dense mass matrix instead of a diagonal one;
             a list of tuples of latent site names, e.g. ``[("a", "b"), ("c",)]``, a
             dense block per tuple (the other sites diagonal), as NumPyro's
             ``dense_mass`` and Pyro's ``full_mass`` take it.
         progress_bar: show a progress bar.
+
+    Ensemble-started chains (``init="ensemble"``): on a neural network's posterior
+    NUTS from one start stays in the basin it starts in (the weights' symmetries
+    and the many modes make between-basin moves practically impossible), and a
+    chain started at the prior median spends its warm-up finding any basin. With
+    ``init="ensemble"`` an `Ensemble` of ``num_chains`` MAP members is fitted first
+    and chain ``k`` starts at member ``k`` (the deep-ensemble-initialised sampling
+    of Sommer et al., ICML 2024 and ICLR 2025). Each chain then explores its
+    member's basin and the pooled draws are a mixture of the basins, with equal
+    weight per basin: that is not the posterior's weighting of the basins (which
+    would need their posterior masses), but each within-basin part is sampled
+    exactly. Read R-hat and ESS of *predictive* quantities
+    (`Posterior.summary` of a deterministic site, or of ``predict`` output): weights
+    differ between basins by construction, so their R-hat is large, while the
+    functions the basins represent often agree. With ``chain_method="vectorized"``
+    the chains run as one program. The `Ensemble`'s wall time is kept in
+    ``posterior.attrs["init_wall_time"]``. Models with ``param`` sites are not
+    supported (each member fits its own, and NUTS would need one set).
 
     Raises:
         ValueError: for a field out of range (``num_warmup=0`` included).
@@ -229,12 +284,31 @@ class VI(AbstractEngine):
         init: ``"median"``, ``"sample"`` or ``"map"`` (a MAP estimate found by
             Adam first): where the guide's location starts. Pyro's flow guide
             ignores it (it starts at a standard normal in unconstrained space).
-        progress_bar: show a progress bar.
+        progress_bar: show a progress bar (with the current loss).
+        checkpoint: a file to save the fit's state in (None: none), and to resume from
+            when it exists: the optimiser state, the step count, the loss trace and the
+            random state, so that a resumed fit gives the same result, bit for bit, as an
+            uninterrupted one with the same key. The file must belong to the same fit
+            (backend, model code, custom guide code, the settings of the object whose
+            method the model or guide is, data, key and every setting but
+            ``num_steps``, ``num_draws``, ``progress_bar`` and these two); another is refused with a
+            ``ValueError`` that names what differs. Giving a finished run a larger
+            ``num_steps`` continues it; the learning rate then follows the schedule of
+            the new ``num_steps`` from the saved step on, ``learning_rate *
+            final_learning_rate_fraction ** (step / num_steps)`` (it rises at the
+            resumed step and decays to the same final fraction again: a warm restart).
+            Written atomically (never half a file), without pickle.
+        checkpoint_every: write the checkpoint after the step (on NumPyro: the compiled
+            block of steps) that reaches each multiple of this many steps, at the end of
+            the run, and on Ctrl-C (``KeyboardInterrupt``; on Pyro after the step under
+            way).
 
     Example:
         >>> import probdyn
         >>> probdyn.VI(guide="lowrank", num_steps=2000).guide
         'lowrank'
+        >>> probdyn.VI(checkpoint="run.ckpt", checkpoint_every=500).checkpoint
+        'run.ckpt'
     """
 
     name: ClassVar[str] = "vi"
@@ -248,9 +322,20 @@ class VI(AbstractEngine):
     final_learning_rate_fraction: float = 0.1
     init: str = "median"
     progress_bar: bool = True
+    checkpoint: str | None = None
+    checkpoint_every: int = 1000
 
     def _validate(self) -> None:
         cls = type(self).__name__
+        path: Any = self.checkpoint
+        if hasattr(path, "__fspath__"):  # a pathlib.Path: stored as a str
+            object.__setattr__(self, "checkpoint", path.__fspath__())
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
+            raise ValueError(
+                f"{cls}(checkpoint={self.checkpoint!r}): give a file path (str or "
+                "os.PathLike) or None."
+            )
+        _check_positive_int(cls, "checkpoint_every", self.checkpoint_every)
         if callable(self.guide):
             if self.init != "median":
                 raise ValueError(
@@ -366,11 +451,14 @@ class SMC(AbstractEngine):
     incremental weights keep an effective sample size of ``target_ess *
     num_particles`` (``temperatures="adaptive"``), or taken from a given
     increasing sequence ending at 1; then the particles are reweighted,
-    resampled, and moved by ``num_mcmc_steps`` steps of an MCMC ``kernel`` that
-    leaves the tempered target invariant, preconditioned by the particles' variance,
-    whose step size is adapted from the acceptance rate of the previous stage. A last
-    stage at temperature 1 resamples and moves the particles, so the draws are
-    unweighted. The product of the mean incremental
+    resampled, and moved by up to ``num_mcmc_steps`` steps of an MCMC ``kernel``
+    that leaves the tempered target invariant, preconditioned by the particles'
+    variance, whose step size is adapted from the acceptance rate of the previous
+    stage. With ``adaptive_moves`` a stage stops moving once the particles'
+    mean squared distance from where the stage started levels off (they have
+    forgotten their resampled starting points); the prior draws at temperature 0 are
+    not moved. A last stage at temperature 1 resamples and moves the particles, so
+    the draws are unweighted. The product of the mean incremental
     weights estimates the model evidence ``log p(y)``
     (``Posterior.log_evidence``); the schedule is ``traces["temperature"]``.
 
@@ -389,7 +477,7 @@ class SMC(AbstractEngine):
     Args:
         num_particles: number of particles (the draws of the posterior).
         kernel: move kernel: ``"hmc"``, ``"mala"`` or ``"rw"`` (Gaussian random walk).
-        num_mcmc_steps: kernel steps per stage.
+        num_mcmc_steps: kernel steps per stage (at most, with ``adaptive_moves``).
         target_ess: ESS fraction kept at each stage, in (0, 1).
         temperatures: ``"adaptive"`` or an increasing sequence of tempering
             exponents in (0, 1] ending at 1.
@@ -408,7 +496,15 @@ class SMC(AbstractEngine):
             gradient computation (on a CPU the most whose temporaries fit in about
             4 MiB, a cache-sized batch; with a GPU or several devices all of them), a
             number fixes it. Speed only: the draws are the same up to floating-point
-            rounding. The Pyro backend moves all particles at once.
+            rounding. For a model with a loop (an adaptive ODE solve) the automatic
+            batch holds at least 128 particles. The Pyro backend moves all particles
+            at once.
+        adaptive_moves: stop a stage's moves early once the particles have
+            decorrelated from their starting points (the mean squared jump from the
+            stage's start, in units of the particles' variance, grows by less than
+            10 % over a move; at least 2 moves); ``False`` makes exactly
+            ``num_mcmc_steps`` moves per stage (``stream="tempered"`` only;
+            ``traces["num_moves"]`` records them).
         progress_bar: show a progress bar.
 
     Example:
@@ -432,6 +528,7 @@ class SMC(AbstractEngine):
     jitter: float = 0.1
     particles_per_batch: int | None = None
     progress_bar: bool = True
+    adaptive_moves: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperatures, str):
@@ -483,10 +580,98 @@ class SMC(AbstractEngine):
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class MCLMC(AbstractEngine):
+    """Microcanonical Langevin Monte Carlo (BlackJAX's sampler and tuner; NumPyro backend).
+
+    MCLMC moves a particle at constant speed through the unconstrained latent space
+    along the isokinetic dynamics whose stationary law is the posterior, partially
+    refreshing its direction every step (the momentum decoherence length ``L``);
+    it has no Metropolis test, so the step size sets a small asymptotic bias,
+    controlled through the energy error (Robnik et al., JMLR 2023; Robnik,
+    Cohn-Gordon and Seljak, 2024). Each chain tunes its own step size and ``L`` with BlackJAX's
+    ``mclmc_find_L_and_step_size``, then takes ``num_samples * thinning`` steps and
+    keeps every ``thinning``-th. All chains run as one program, vectorised with
+    ``jax.vmap``. A step costs two gradient evaluations (the McLachlan integrator).
+
+    The defaults follow the MILE recipe (Sommer et al., "Microcanonical Langevin
+    Ensembles", ICLR 2025; their code, github.com/EmanuelSommer/MILE,
+    ``experiments/replicate_uci/mclmc.yaml`` and ``src/training/warmup.py``): 50000
+    tuning steps, split 80 / 10 / 10 % between the step-size phase, the step-size
+    phase that also measures the posterior's scale, and the ``L`` phase from the
+    chain's autocorrelation; 1000 draws per chain kept from 10000 steps
+    (``thinning=10``); no diagonal preconditioning; 100 effective samples in the
+    step-size average. MILE also decays the desired energy variance from 0.5 to 0.1
+    during tuning; BlackJAX's tuner holds it fixed, and
+    the default here is BlackJAX's 5e-4, whose bias is within the Monte-Carlo
+    error of 1000 draws on the reference posteriors of `probdyn.testing` (0.1, MILE's
+    final value, takes larger steps, with a bias that MILE found harmless for a
+    network's predictions: give ``desired_energy_variance=0.1`` for that).
+    ``init="ensemble"`` with one chain per member (MILE used 12) is the recipe for
+    neural networks (see `NUTS` on ensemble-started chains).
+
+    Args:
+        num_warmup: tuning steps per chain (at least 20: every phase needs steps).
+            The last phase keeps its ``num_warmup / 10`` positions to measure their
+            autocorrelation: ``num_warmup / 10 * dim`` floats per chain in memory.
+        num_samples: draws kept per chain.
+        num_chains: number of chains; the ``chain`` dimension of the posterior.
+        thinning: steps per kept draw.
+        desired_energy_variance: the energy error variance per dimension the step
+            size is tuned to; smaller is less biased and slower.
+        diagonal_preconditioning: tune a diagonal inverse mass matrix from the
+            posterior variances measured during tuning (helps when the latent
+            scales differ widely; costs ``num_warmup / 30`` more steps).
+        init: as for `NUTS`: ``"median"``, ``"sample"``, ``"map"``, ``"ensemble"``
+            or an `Ensemble` config, or a ``Posterior``.
+        progress_bar: show a progress bar.
+
+    Raises:
+        ValueError: for a field out of range.
+
+    Example:
+        >>> import probdyn
+        >>> probdyn.MCLMC(num_warmup=2000, num_samples=500, num_chains=4).thinning
+        10
+    """
+
+    name: ClassVar[str] = "mclmc"
+
+    num_warmup: int = 50000
+    num_samples: int = 1000
+    num_chains: int = 1
+    thinning: int = 10
+    desired_energy_variance: float = 5e-4
+    diagonal_preconditioning: bool = False
+    init: Any = "median"
+    progress_bar: bool = True
+
+    def _validate(self) -> None:
+        cls = type(self).__name__
+        _check_positive_int(cls, "num_warmup", self.num_warmup)
+        if self.num_warmup < 20:
+            raise ValueError(
+                f"{cls}(num_warmup={self.num_warmup!r}): the tuner splits its steps 80 / 10 / "
+                "10 % between its phases, and each needs steps; give num_warmup >= 20, and "
+                "thousands in practice (MILE used 50000 on neural networks)."
+            )
+        _check_positive_int(cls, "num_samples", self.num_samples)
+        _check_positive_int(cls, "num_chains", self.num_chains)
+        _check_positive_int(cls, "thinning", self.thinning)
+        _check_positive_number(cls, "desired_energy_variance", self.desired_energy_variance)
+        if not isinstance(self.diagonal_preconditioning, bool):
+            raise ValueError(
+                f"{cls}(diagonal_preconditioning={self.diagonal_preconditioning!r}): must be "
+                "True or False."
+            )
+        _check_init(cls, self.init)
+
+
 ENGINE_TYPES: dict[str, type[AbstractEngine]] = {
     "NUTS": NUTS,
     "HMC": HMC,
     "VI": VI,
     "Ensemble": Ensemble,
     "SMC": SMC,
+    "MCLMC": MCLMC,
 }

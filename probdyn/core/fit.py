@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from probdyn.core.backends import backend_names, engine_variant, get_backend, get_runner
-from probdyn.core.engines import VI, AbstractEngine
+from probdyn.core.engines import VI, AbstractEngine, ensemble_init
 from probdyn.core.locking import model_call
 from probdyn.core.posterior import Posterior, check_inputs
 from probdyn.data._tasks import TaskStream, stream_rng
@@ -91,7 +92,32 @@ def fit(
         check_inputs(backend, labelled)
         runner = get_runner(engine, backend, engine_variant(engine, args))
         with explained(labelled):
-            return runner(model, args, kwargs, engine, key)
+            if ensemble_init(engine) is None or getattr(runner, "unavailable", False):
+                return runner(model, args, kwargs, engine, key)
+            return _ensemble_started(runner, model, args, kwargs, engine, key, backend)
+
+
+def _ensemble_started(
+    runner: Callable[..., Posterior],
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: AbstractEngine,
+    key: Any,
+    backend: str,
+) -> Posterior:
+    """Run a sampler whose ``init`` is ``"ensemble"`` or an `Ensemble` config: fit the
+    ensemble (same backend, same key), start the chains at its members (the runner's
+    ``init=Posterior`` path: ``num_chains`` members spread evenly over them), and
+    record the config as given and the ensemble's wall time."""
+    ensemble = ensemble_init(engine)
+    assert ensemble is not None
+    members = get_runner(ensemble, backend, "")(model, args, kwargs, ensemble, key)
+    started = dataclasses.replace(engine, init=members)  # type: ignore[type-var]
+    post = runner(model, args, kwargs, started, key)
+    post.attrs["engine"] = engine.to_dict()
+    post.attrs["init_wall_time"] = float(members.attrs.get("wall_time", float("nan")))
+    return post
 
 
 def _check_stream(args: tuple[Any, ...], engine: AbstractEngine) -> None:

@@ -350,9 +350,13 @@ class Posterior:
 
         Sites with at most ``max_elements`` elements get one row per element, as in
         ``az.summary``. Larger sites (a BNN's weight matrices) get one row, named
-        ``"site[n]"``, that aggregates over elements: the mean and sd columns are
-        averages of the per-element values, ``ess_bulk``/``ess_tail`` are minima and
-        ``r_hat`` is the maximum, so the row shows the worst-mixing element.
+        ``"site (n elements, worst)"``, that aggregates over elements: the mean and sd
+        columns are averages of the per-element values, ``ess_bulk``/``ess_tail`` are
+        minima and ``r_hat`` is the maximum, so the row shows the worst-mixing element.
+        MCMC rows with ``r_hat > 1.05`` or a small ESS are marked in a ``flag`` column
+        and a UserWarning names them; one chain gets split R-hat, and engines with
+        independent draws (VI, Ensemble, SMC) no R-hat. Printing the table shows
+        every column and notes on how to read it (`probdyn.core.summary`).
 
         Args:
             max_elements: sites larger than this are aggregated. ``None`` disables

@@ -45,6 +45,9 @@ def _plot_bands(
         arguments, preds = _predict_at(result, inputs, site, key)
     x_name, x_values, x_label = _x_axis(result, arguments, preds, x)
     names = list(result.posteriors)
+    # Bands of the observed site are of new observations (predictive); of any other
+    # site (a latent trajectory), of that quantity (credible).
+    kind = "predictive" if _is_observed(result, site) else "credible"
     n_out = _num_outputs(result.observations, preds)
     labels = list(output_names) if output_names is not None else []
     fig, axes = plt.subplots(
@@ -57,7 +60,7 @@ def _plot_bands(
         for i in range(n_out):
             ax = axes[i, j]
             if isinstance(pred, np.ndarray):
-                _draw_bands(ax, x_values, pred, i, n_out, levels)
+                _draw_bands(ax, x_values, pred, i, n_out, levels, kind)
             else:
                 message = result.table.loc[name, "error"] if name in result.table.index else ""
                 ax.text(0.5, 0.5, _wrap(f"no predictions: {message or pred}"), ha="center",
@@ -71,8 +74,13 @@ def _plot_bands(
                 ax.set_ylabel(labels[i] if i < len(labels) else default)
             if i == n_out - 1:
                 ax.set_xlabel(x_label)
-    axes[0, 0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels_ = axes[0, 0].get_legend_handles_labels()
+    # Below the panels: inside one, the legend hides that panel's bands.
+    fig.legend(handles, labels_, loc="lower center", ncol=min(len(labels_), 5), fontsize=7,
+               frameon=False)  # fmt: skip
+    what = f"{kind} intervals of {site!r}" + (" (new observations)" if kind == "predictive" else "")
+    fig.suptitle(f"Median and central {what}, by engine", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     if path is not None:
         try:
             write_output(
@@ -82,6 +90,14 @@ def _plot_bands(
             plt.close(fig)
             raise
     return fig
+
+
+def _is_observed(result: Comparison, site: str) -> bool:
+    """Whether ``site`` is observed in the model (its draws are new observations)."""
+    posts = [p for p in result.posteriors.values() if p is not None]
+    if posts and any(p.observed_data for p in posts):
+        return any(site in p.observed_data for p in posts)
+    return site == result.observed_arg
 
 
 def _predict_at(
@@ -180,7 +196,13 @@ def _observed_points(
 
 
 def _draw_bands(
-    ax: Any, x: np.ndarray, pred: np.ndarray, i: int, n_out: int, levels: Sequence[float]
+    ax: Any,
+    x: np.ndarray,
+    pred: np.ndarray,
+    i: int,
+    n_out: int,
+    levels: Sequence[float],
+    kind: str = "predictive",
 ) -> None:
     draws = np.asarray(pred, dtype=float).reshape(-1, pred.shape[2], n_out)[..., i]
     order = np.argsort(x, kind="stable")
@@ -188,7 +210,7 @@ def _draw_bands(
         lo, hi = calibration.interval(draws, level, sample_dims=1)
         alpha = 0.15 + 0.2 * k
         ax.fill_between(x[order], lo[order], hi[order], color="C0", alpha=alpha,
-                        lw=0, label=f"{100 * level:g}% interval")  # fmt: skip
+                        lw=0, label=f"{100 * level:g}% {kind} interval")  # fmt: skip
     ax.plot(x[order], np.median(draws, axis=0)[order], color="C0", lw=1, label="median")
 
 

@@ -134,10 +134,14 @@ def plot_pit(
     tail = (1 - band) / (2 * bins)
     lo, hi = stats.binom.ppf([tail, 1 - tail], n, 1 / bins)
     ax = _new_axes(ax)
-    ax.axhspan(lo, hi, color="0.85", label=f"{band:.0%} simultaneous band")
-    ax.axhline(n / bins, color="0.4", lw=1, ls="--")
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.8)
-    ax.set(xlim=(0, 1), xlabel="PIT value", ylabel="count")
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.7)
+    # The band over the bars (not behind them), and head room for the legend, so
+    # that neither hides a bar.
+    ax.axhspan(lo, hi, color="0.5", alpha=0.25, zorder=3,
+               label=f"{band:.0%} simultaneous band if calibrated")  # fmt: skip
+    ax.axhline(n / bins, color="0.3", lw=1, ls="--", zorder=3, label="uniform (calibrated)")
+    top = max(float(counts.max()), float(hi))
+    ax.set(xlim=(0, 1), ylim=(0, 1.4 * top), xlabel="PIT value", ylabel="count")
     ax.set_title(f"PIT histogram (N={n})")
-    ax.legend(loc="upper center", fontsize="small")
+    ax.legend(loc="upper center", fontsize="x-small")
     return ax

@@ -28,6 +28,10 @@ def calibration_table(
     central intervals, ``n`` (observations scored), ``rmse``, ``crps``,
     ``coverage_hdi`` and ``mean_width_hdi`` of highest-density intervals, and ``nlpd``
     (exact) when ``log_likelihood`` is given. Missing (NaN) observations are left out.
+    ``n``, ``rmse``, ``crps`` and ``nlpd`` score the whole predictive, not an interval:
+    they do not depend on the level and repeat on every row, so that each row (e.g.
+    of a CSV) stands alone; print them once with
+    ``table[["n", "rmse", "crps"]].iloc[0]``.
 
     Args:
         draws: predictive draws ``(chain, draw, *shape)``.

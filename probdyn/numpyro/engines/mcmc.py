@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.infer import HMC as NumPyroHMC
 from numpyro.infer import MCMC, init_to_median, init_to_sample
 from numpyro.infer import NUTS as NumPyroNUTS
 from numpyro.infer.util import (
-    _transforms_from_trace,
     constrain_fn,
-    transform_fn,
-    unconstrain_fn,
 )
 
 from probdyn.core.engine_base import dense_mass_arg
@@ -29,11 +24,10 @@ from probdyn.engines.mcmc import (
     failed_solve_names,
     init_failure_error,
     init_strategy,
-    posterior_starts,
     tree_depth,
 )
-from probdyn.numpyro.bridge import as_key, check_observed, trace_model
-from probdyn.numpyro.engines.map import map_estimate
+from probdyn.numpyro.bridge import as_key, check_observed, site_trace
+from probdyn.numpyro.engines.starts import chain_starts
 from probdyn.numpyro.engines.timing import CompileTimer
 from probdyn.numpyro.postprocess import build_posterior
 from probdyn.numpyro.primitives.ode import reset_failed_solves
@@ -41,54 +35,6 @@ from probdyn.numpyro.primitives.ode import reset_failed_solves
 __all__ = ["run_mcmc"]
 
 _EXTRA_FIELDS = ("accept_prob", "num_steps", "energy", "potential_energy", "adapt_state.step_size")
-
-
-def _chain_starts(
-    values: list[dict[str, Any]],
-    params: dict[str, Any],
-    model: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> tuple[Callable[..., Any], Any]:
-    """Fix ``params`` in the model and map one dict of values per chain to the
-    unconstrained space the kernel starts from."""
-    model = handlers.substitute(model, data=params) if params else model
-    per_chain = [unconstrain_fn(model, args, kwargs, v) for v in values]
-    if len(per_chain) == 1:
-        return model, per_chain[0]
-    return model, jax.tree.map(lambda *xs: jnp.stack(xs), *per_chain)
-
-
-def _init_from_posterior(
-    init: Posterior, latent: list[str], num_chains: int
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One start per chain from the posterior's draws, spread over them."""
-    values, params = posterior_starts(init, latent, num_chains)
-    starts = [{s: jnp.asarray(v) for s, v in row.items()} for row in values]
-    return starts, {k: jnp.asarray(v) for k, v in params.items()}
-
-
-def _init_from_map(
-    model: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    latent: list[str],
-    num_chains: int,
-    key: jax.Array,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every chain starts at the MAP estimate, jittered by 1e-2 in unconstrained
-    space so that chains are distinct (and R-hat means something)."""
-    values, params = map_estimate(model, args, kwargs, key)
-    model = handlers.substitute(model, data=params) if params else model
-    centre = unconstrain_fn(model, args, kwargs, {s: values[s] for s in latent})
-    keys = jax.random.split(key, num_chains)
-    out = []
-    for k in keys:
-        leaves, tree = jax.tree.flatten(centre)
-        ks = jax.random.split(k, len(leaves))
-        jittered = [x + 1e-2 * jax.random.normal(kk, jnp.shape(x)) for x, kk in zip(leaves, ks)]
-        out.append(constrain_fn(model, args, kwargs, jax.tree.unflatten(tree, jittered)))
-    return out, params
 
 
 def _kernel(
@@ -150,18 +96,23 @@ def _failed_at_init(
     return failed_solve_names(factors)
 
 
-def _constrain_only(trace: dict[str, Any]) -> Callable[..., Any] | None:
+def _constrain_only(
+    kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[..., Any]:
     """Map unconstrained draws to constrained ones without re-running the model.
 
     NumPyro re-runs the model for every draw when it has deterministic sites; we
     compute those (with the log likelihood and predictive) in one compiled pass
-    afterwards, so during sampling a change of variables is enough. Models whose
-    supports depend on other sites still get NumPyro's own replaying default.
+    afterwards, so during sampling a change of variables is enough. The kernel's
+    transforms are known once it has traced the model (in ``MCMC.run``, before the
+    loop that calls this); models whose supports depend on other sites get the
+    kernel's replaying constrain function instead.
     """
-    info = _transforms_from_trace(trace)
-    if info.dynamic_support:
-        return None
-    return partial(transform_fn, info.inv_transforms)
+
+    def constrain(z: Any) -> Any:
+        return kernel.get_constrain_fn(args, kwargs)(z)
+
+    return constrain
 
 
 def _sample_stats(extra: dict[str, Any], nuts: bool) -> dict[str, np.ndarray]:
@@ -212,24 +163,26 @@ def run_mcmc(
             ``chain_method="parallel"`` with a diffrax solve.
     """
     rng = as_key(key)
-    trace = trace_model(model, args, kwargs, rng)
+    trace = site_trace(model, args, kwargs, rng)
     observed = check_observed(trace)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     params = {n: s["value"] for n, s in trace.items() if s["type"] == "param"}
     check_has_latent(latent)
-    run_model, init_params = model, None
-    if not isinstance(engine.init, str) or engine.init == "map":
-        if isinstance(engine.init, str):
-            values, fixed = _init_from_map(
-                model, args, kwargs, latent, engine.num_chains, jax.random.fold_in(rng, 2)
-            )
-        else:
-            values, fixed = _init_from_posterior(engine.init, latent, engine.num_chains)
-        run_model, init_params = _chain_starts(values, fixed, model, args, kwargs)
-        params = {**params, **fixed}
+    run_model, init_params, fixed = chain_starts(
+        engine.init,
+        model,
+        args,
+        kwargs,
+        latent,
+        list(params),
+        engine.num_chains,
+        jax.random.fold_in(rng, 2),
+    )
+    params = {**params, **fixed}
+    kernel = _kernel(engine, run_model, dense_mass_arg(engine, latent))
     mcmc = MCMC(
-        _kernel(engine, run_model, dense_mass_arg(engine, latent)),
-        postprocess_fn=_constrain_only(trace),
+        kernel,
+        postprocess_fn=_constrain_only(kernel, args, kwargs),
         num_warmup=engine.num_warmup,
         num_samples=engine.num_samples,
         num_chains=engine.num_chains,

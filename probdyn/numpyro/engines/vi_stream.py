@@ -17,6 +17,7 @@ engine, options), so fitting the same model again does not recompile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -38,8 +39,10 @@ from probdyn.data._tasks import TaskStream, stream_rng
 from probdyn.engines.checks import check_stream_model
 from probdyn.engines.keys import int_key
 from probdyn.engines.losses import check_final_loss, learning_rate_fix
+from probdyn.engines.vi_checkpoint import VICheckpoint
 from probdyn.numpyro.bridge import as_key, seed_record, trace_model, versions
 from probdyn.numpyro.engines.timing import CompileTimer
+from probdyn.numpyro.engines.vi import block_ends, checkpoint_of, restore_state, state_tree
 from probdyn.numpyro.primitives.ode import failed_solves, reset_failed_solves
 
 __all__ = ["run_vi_stream"]
@@ -117,6 +120,49 @@ def _build(
     return svi, run_block
 
 
+def _train(
+    run_block: Callable[..., Any],
+    state: Any,
+    stream: TaskStream,
+    rng: np.random.Generator,
+    engine: VI,
+    block: int,
+    ckpt: VICheckpoint | None,
+) -> tuple[Any, np.ndarray]:
+    """The training loop: blocks of fresh batches, the checkpoint written (and a saved
+    one resumed from, with the stream's generator state) as `probdyn.VI` says."""
+    saved = ckpt.load(engine.num_steps) if ckpt else None
+    done, losses = 0, []
+    if saved is not None:
+        state = restore_state(state, saved, engine.checkpoint or "")
+        rng.bit_generator.state = saved["extra"]["stream_rng"]
+        done, losses = saved["step"], [saved["losses"]]
+
+    def save(at: tuple[Any, ...]) -> None:
+        if ckpt:
+            trace = np.concatenate(losses[: at[2]])
+            ckpt.save(at[1], engine.num_steps, trace, state_tree(at[0]), {"stream_rng": at[3]})
+
+    last = (state, done, len(losses), rng.bit_generator.state)  # after the last whole block
+    bar = tqdm(total=engine.num_steps, initial=done, disable=not engine.progress_bar, desc="VI")
+    try:
+        for end in block_ends(done, engine.num_steps, block):
+            state, loss = run_block(state, stream.draw_many(rng, end - done))
+            losses.append(np.asarray(loss))
+            bar.update(end - done)
+            bar.set_postfix(loss=f"{float(loss[-1]):.4g}")
+            last, begun, done = (state, end, len(losses), rng.bit_generator.state), done, end
+            if ckpt and ckpt.due(begun, end, engine.num_steps):
+                save(last)
+    except KeyboardInterrupt:
+        if last[1] > 0:
+            save(last)
+        raise
+    finally:
+        bar.close()
+    return state, np.concatenate(losses)
+
+
 def run_vi_stream(
     model: Callable[..., Any],
     args: tuple[Any, ...],
@@ -137,28 +183,22 @@ def run_vi_stream(
     check_stream_model(engine, stream.fields, latent, observed)
     guide = engine.guide if callable(engine.guide) else _no_guide
     options = _options_key(kwargs)
+    # The checkpoint settings change nothing compiled: one cache entry for any of them.
+    trained = dataclasses.replace(engine, checkpoint=None, checkpoint_every=1000)
     if options is None:
-        svi, run_block = _build(model, guide, _counter(stream), engine, kwargs)
+        svi, run_block = _build(model, guide, _counter(stream), trained, kwargs)
     else:
-        svi, run_block = _compiled(model, guide, _counter(stream), engine, options)
+        svi, run_block = _compiled(model, guide, _counter(stream), trained, options)
 
     block = min(_BLOCK, engine.num_steps)
+    ckpt = checkpoint_of(engine, model, key, args, kwargs)
     reset_failed_solves()
     start = time.perf_counter()
-    losses = []
     with CompileTimer() as timer:
         state = svi.init(rng_key, **{k: jnp.asarray(v) for k, v in first.items()}, **kwargs)
-        done = 0
-        with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="VI") as bar:
-            while done < engine.num_steps:
-                n = min(block, engine.num_steps - done)
-                state, loss = run_block(state, stream.draw_many(rng, n))
-                losses.append(np.asarray(loss))
-                done += n
-                bar.update(n)
-                bar.set_postfix(loss=f"{float(loss[-1]):.4g}")
+        state, losses = _train(run_block, state, stream, rng, engine, block, ckpt)
         params = jax.block_until_ready(svi.get_params(state))
-    check_final_loss(np.concatenate(losses), *learning_rate_fix(engine))
+    check_final_loss(losses, *learning_rate_fix(engine))
     wall = time.perf_counter() - start
     return assemble_amortized(
         backend="numpyro",
@@ -168,7 +208,7 @@ def run_vi_stream(
         seed=seed_record(key),
         versions=versions(),
         params={k: np.asarray(v) for k, v in params.items()},
-        losses=np.concatenate(losses),
+        losses=losses,
         stream=stream,
         num_failed_solves=failed_solves(),
         wall_time=wall,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import (
@@ -40,6 +41,13 @@ from probdyn.core.posterior import Posterior
 from probdyn.engines.checks import check_guide_samples, check_vi_model
 from probdyn.engines.losses import check_final_loss, learning_rate_fix, optimisation_failed
 from probdyn.engines.mcmc import init_strategy
+from probdyn.engines.vi_checkpoint import (
+    DeferredInterrupt,
+    VICheckpoint,
+    decode_tree,
+    learning_rate_at,
+    vi_fingerprint,
+)
 from probdyn.pyro.bridge import (
     as_seed,
     check_observed,
@@ -108,22 +116,113 @@ def _check_custom_guide(
     return check_guide_samples(guide, latent, {n: site["type"] for n, site in found.items()})
 
 
-def _optimise(svi: SVI, engine: VI, args: tuple[Any, ...], kwargs: dict[str, Any]) -> np.ndarray:
+def checkpoint_of(
+    engine: VI, model: Callable[..., Any], seed: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> VICheckpoint | None:
+    """The fit's checkpoint file (`probdyn.engines.vi_checkpoint`), or None without one."""
+    if engine.checkpoint is None:
+        return None
+    fingerprint = vi_fingerprint(
+        backend="pyro", model=model, engine=engine, key=int(seed), args=args, kwargs=kwargs
+    )
+    return VICheckpoint(engine.checkpoint, engine.checkpoint_every, fingerprint)
+
+
+def _fit_state(optim: Any) -> dict[str, Any]:
+    """Params (unconstrained), optimiser state and the torch RNG state: a checkpoint tree."""
+    params = pyro.get_param_store().get_state()["params"]
+    return {
+        "params": {n: v.detach() for n, v in params.items()},
+        "optim": optim.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(optim: Any, engine: VI, saved: dict[str, Any]) -> None:
+    """Set the params, the optimiser state and the torch RNG to the saved ones. A run
+    extended past its ``num_steps`` continues on the new schedule from the saved step."""
+    skeleton, arrays = saved["state"]
+    tree = decode_tree(skeleton, arrays, array=torch.as_tensor)
+    params = pyro.get_param_store().get_state()["params"]
+    here = {n: (tuple(v.shape), v.dtype) for n, v in params.items()}
+    there = {n: (tuple(v.shape), v.dtype) for n, v in tree["params"].items()}
+    if here != there:
+        raise ValueError(
+            f"VI(checkpoint={engine.checkpoint!r}): the saved params do not fit this fit's "
+            f"(names, shapes or dtypes differ: saved {there}, here {here}). Delete the file "
+            "or pass another path."
+        )
+    with torch.no_grad():
+        for name, value in tree["params"].items():
+            params[name].copy_(value)
+    if saved["num_steps"] != engine.num_steps:
+        lrd = engine.final_learning_rate_fraction ** (1.0 / engine.num_steps)
+        for state in tree["optim"].values():
+            for group in state["param_groups"]:
+                group.update(lr=learning_rate_at(engine, saved["step"]), lrd=lrd)
+    optim.set_state(tree["optim"])
+    torch.set_rng_state(tree["torch_rng"])
+
+
+def train(
+    step: Callable[[int, np.ndarray], float],
+    optim: Any,
+    engine: VI,
+    ckpt: VICheckpoint | None,
+    extra: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+) -> np.ndarray:
+    """Run ``step(i, losses)`` (optimiser step ``i``, its loss) for the steps not yet done: from a
+    saved checkpoint's step when there is one, writing the checkpoint as `probdyn.VI`
+    says. ``extra`` gets and sets more state to keep (a task stream's generator).
+
+    Raises:
+        KeyboardInterrupt: after the step under way and a checkpoint write, on Ctrl-C.
+    """
+    losses = np.empty(engine.num_steps)
+    first = 0
+    saved = ckpt.load(engine.num_steps) if ckpt else None
+    if saved is not None:
+        _restore(optim, engine, saved)
+        if extra:
+            extra[1](saved["extra"])
+        first = saved["step"]
+        losses[:first] = saved["losses"]
+    block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
+    bar = tqdm(total=engine.num_steps, initial=first, disable=not engine.progress_bar, desc="VI")
+    with bar, DeferredInterrupt(ckpt is not None) as stop:
+        for i in range(first, engine.num_steps):
+            losses[i] = step(i, losses)
+            if ckpt and (stop.requested or ckpt.due(i, i + 1, engine.num_steps)):
+                state, more = _fit_state(optim), extra[0]() if extra else None
+                ckpt.save(i + 1, engine.num_steps, losses[: i + 1], state, more)
+            if (i + 1) % block == 0 or i + 1 == engine.num_steps:
+                bar.update(i + 1 - bar.n)
+                bar.set_postfix(loss=f"{losses[i]:.4g}")
+            if stop.requested:
+                raise KeyboardInterrupt
+    return losses
+
+
+def _optimise(
+    svi: SVI,
+    engine: VI,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ckpt: VICheckpoint | None,
+) -> np.ndarray:
     """The loss per step; raises if the optimisation diverged (`probdyn.engines.losses`):
     a step after the first fails, or the loss ends non-finite."""
-    losses = np.empty(engine.num_steps)
-    block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
-    with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="VI") as bar:
-        for step in range(engine.num_steps):
-            try:
-                losses[step] = svi.step(*args, **kwargs)
-            except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
-                if step == 0:
-                    raise
-                optimisation_failed(err, losses, step, *learning_rate_fix(engine))
-            if (step + 1) % block == 0 or step + 1 == engine.num_steps:
-                bar.update(step + 1 - bar.n)
-                bar.set_postfix(loss=f"{losses[step]:.4g}")
+
+    def step(i: int, losses: np.ndarray) -> float:
+        try:
+            return float(svi.step(*args, **kwargs))
+        except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
+            if i == 0:
+                raise
+            optimisation_failed(err, losses, i, *learning_rate_fix(engine))
+            raise  # not reached: optimisation_failed raises
+
+    losses = train(step, svi.optim, engine, ckpt)
     check_final_loss(losses, *learning_rate_fix(engine))
     return losses
 
@@ -164,7 +263,9 @@ def run_vi(
         elbo = _elbo(engine, model, guide, trace, targs, tkwargs)
         optim = adam(engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction)
         svi = SVI(model, guide, optim, elbo)
-        losses = _optimise(svi, engine, targs, tkwargs)
+        losses = _optimise(
+            svi, engine, targs, tkwargs, checkpoint_of(engine, model, seed, args, kwargs)
+        )
         torch.manual_seed(sub_seed(seed, 4))
         with torch.no_grad():
             if custom:

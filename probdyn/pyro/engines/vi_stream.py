@@ -33,7 +33,6 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import zero_grads
-from tqdm.auto import tqdm
 
 from probdyn.core.assemble import assemble_amortized
 from probdyn.core.engines import VI
@@ -54,6 +53,7 @@ from probdyn.pyro.bridge import (
     versions,
 )
 from probdyn.pyro.engines.map import adam
+from probdyn.pyro.engines.vi import checkpoint_of, train
 from probdyn.pyro.primitives.ode import failed_solves, reset_failed_solves
 
 __all__ = ["run_vi_stream"]
@@ -133,20 +133,25 @@ def run_vi_stream(
             num_particles=engine.num_particles, max_plate_nesting=plate_nesting(trace)
         )
         optim = adam(engine.learning_rate, engine.num_steps, engine.final_learning_rate_fraction)
-        losses = np.empty(engine.num_steps)
-        block = max(1, engine.num_steps // 50)  # progress bar refreshes per block of steps
-        with tqdm(total=engine.num_steps, disable=not engine.progress_bar, desc="VI") as bar:
-            for step in range(engine.num_steps):
-                batch, scale = _batch(stream, rng)
-                try:
-                    losses[step] = _step(model, guide, elbo, optim, {**batch, **options}, scale)
-                except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
-                    if step == 0:
-                        raise
-                    optimisation_failed(err, losses, step, *learning_rate_fix(engine))
-                if (step + 1) % block == 0 or step + 1 == engine.num_steps:
-                    bar.update(step + 1 - bar.n)
-                    bar.set_postfix(loss=f"{losses[step]:.4g}")
+        ckpt = checkpoint_of(engine, model, seed, args, kwargs)
+
+        def step(i: int, losses: np.ndarray) -> float:
+            batch, scale = _batch(stream, rng)
+            try:
+                return _step(model, guide, elbo, optim, {**batch, **options}, scale)
+            except (ValueError, RuntimeError, ArithmeticError, UserWarning) as err:
+                if i == 0:
+                    raise
+                optimisation_failed(err, losses, i, *learning_rate_fix(engine))
+                raise  # not reached: optimisation_failed raises
+
+        def get_rng() -> dict[str, Any]:
+            return {"stream_rng": rng.bit_generator.state}
+
+        def set_rng(saved: dict[str, Any]) -> None:
+            rng.bit_generator.state = saved["stream_rng"]
+
+        losses = train(step, optim, engine, ckpt, (get_rng, set_rng))
         check_final_loss(losses, *learning_rate_fix(engine))
         params = {name: np.array(to_numpy(value)) for name, value in pyro.get_param_store().items()}
         wall = time.perf_counter() - begin
