@@ -331,6 +331,7 @@ def make_engine(name: str, smoke: bool = False) -> probdyn.AbstractEngine:
             num_samples=50 if smoke else 250,
             num_chains=4,
             init=members,
+            desired_energy_variance=0.1,  # MILE's final value (Sommer et al., 2025)
             progress_bar=False,
         )
     if name == "smc":

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from probdyn.numpyro.engines.batching import CPU_BATCH_BYTES, batch_size, map_batched
+from probdyn.numpyro.engines.batching import (
+    CPU_BATCH_BYTES,
+    LOOP_MIN_BATCH,
+    batch_size,
+    has_loop,
+    map_batched,
+)
 
 
 def _step(u: jax.Array, state: dict[str, jax.Array], scale: jax.Array) -> tuple[jax.Array, ...]:
@@ -71,3 +77,36 @@ def test_batch_size_is_the_most_items_that_fit() -> None:
     expected = CPU_BATCH_BYTES // temp
     assert batch_size(item, (w,), count=10 * expected, fixed=None) == expected
     assert batch_size(item, (w,), count=expected, fixed=None) == 0
+
+
+def _loop_with_big_temporaries(w: jax.Array) -> jax.Array:
+    """A while loop (as in an adaptive ODE solve) whose iterations sort a 40 000 x 50
+    array (8 MB or more of temporaries, at least twice CPU_BATCH_BYTES): the memory
+    rule alone would map one item at a time."""
+    x = jnp.linspace(-1.0, 1.0, 40_000)
+
+    def body(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        i, v = carry
+        return i + 1, v + 1e-3 * jnp.sort(x[:, None] * v[None, :], axis=0)[-1]
+
+    return jax.lax.while_loop(lambda c: c[0] < 3, body, (jnp.zeros((), jnp.int32), w))[1]
+
+
+def test_a_model_with_a_loop_is_never_mapped_one_item_at_a_time() -> None:
+    # The no-silent-serial rule: an automatic batch for a computation with a loop holds
+    # at least LOOP_MIN_BATCH items (all of them when there are fewer); a batch of 1 for
+    # it is only ever the user's choice, and then a warning says what it costs.
+    w = jnp.ones(50)
+    assert has_loop(_loop_with_big_temporaries, (w,))
+    assert not has_loop(jnp.sin, (w,))
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
+        temp = (
+            jax.jit(_loop_with_big_temporaries).lower(w).compile().memory_analysis()
+        ).temp_size_in_bytes
+        assert temp > CPU_BATCH_BYTES  # the memory rule alone says 1
+    auto = batch_size(_loop_with_big_temporaries, (w,), count=1000, fixed=None)
+    assert auto == (LOOP_MIN_BATCH if on_cpu else 0)
+    assert batch_size(_loop_with_big_temporaries, (w,), count=LOOP_MIN_BATCH, fixed=None) == 0
+    with pytest.warns(RuntimeWarning, match="one at a time"):
+        assert batch_size(_loop_with_big_temporaries, (w,), count=1000, fixed=1) == 1

@@ -90,7 +90,12 @@ def test_layout_traces_and_weights() -> None:
     check_finite(post)
     check_arviz(post)
     check_tempered_traces(post)
-    assert np.all((post.traces["acceptance_rate"] > 0) & (post.traces["acceptance_rate"] <= 1))
+    # No move at temperature 0 (exact prior draws); then between MIN_MOVES and
+    # num_mcmc_steps moves per stage, as on the NumPyro backend.
+    rates, moves = post.traces["acceptance_rate"], post.traces["num_moves"]
+    assert moves[0] == 0 and np.isnan(rates[0])
+    assert np.all((moves[1:] >= 2) & (moves[1:] <= ENGINE.num_mcmc_steps))
+    assert np.all((rates[1:] > 0) & (rates[1:] <= 1))
     np.testing.assert_allclose(post.sample_stats["log_weight"], np.full((1, n), -math.log(n)))
     check_step_rule(post, "hmc", 1)
 

@@ -5,13 +5,13 @@ tuning rules are written here once:
 
 * weighing, resampling, the evidence and the choice of temperatures: the Pyro
   runner (probdyn/pyro/engines/smc.py) calls these functions; the NumPyro runner
-  (probdyn/numpyro/engines/smc.py) runs the same steps inside BlackJAX's compiled
-  tempered SMC (ESS bisection, systematic resampling);
+  (probdyn/numpyro/engines/smc.py) runs the same steps in its compiled stage
+  (probdyn/numpyro/engines/smc_program.py, with BlackJAX's systematic resampling);
 * tuning of the move kernels: the target acceptance rates, the first step size,
   the step-size adaptation and its per-particle jitter, the preconditioner's
   variance floor and the stage limit. Both runners read these constants and
-  rules from here; the NumPyro runner re-states the two formulas that run inside
-  its compiled stage (`adapt_step_size`, `weighted_variance`) in jax.numpy.
+  rules from here (the NumPyro runner re-states those of its compiled stage in
+  jax.numpy); no moves at temperature 0 (exact prior draws), then `keep_moving`'s.
 
 Everything is written for log weights: a weight is only ever exponentiated after
 its maximum has been subtracted.
@@ -31,7 +31,9 @@ import numpy as np
 
 __all__ = [
     "MAX_STAGES",
+    "MIN_MOVES",
     "MIN_VARIANCE",
+    "MOVE_DISTANCE_GAIN",
     "STEP_ADAPT_GAIN",
     "STEP_JITTER",
     "TARGET_ACCEPTANCE",
@@ -40,6 +42,7 @@ __all__ = [
     "check_stage_limit",
     "ess",
     "initial_step_size",
+    "keep_moving",
     "log_evidence_increment",
     "log_mean_exp",
     "multinomial_resample",
@@ -52,10 +55,7 @@ __all__ = [
     "weighted_variance",
 ]
 
-# The tuning constants below are the only copy: probdyn/numpyro/engines/smc.py (which
-# re-implements the step rules in jax.numpy, inside its compiled stage) and
-# probdyn/pyro/engines/smc.py both read them from here.
-
+# The tuning constants below are the only copy; both runners read them from here.
 # Acceptance rates the step size is steered towards, per move kernel: the
 # asymptotically optimal rates for a random walk (0.234, Roberts, Gelman and Gilks
 # 1997) and MALA (0.574, Roberts and Rosenthal 1998), and the 0.65 of HMC
@@ -88,6 +88,15 @@ STEP_JITTER = 1.0
 # Floor of the preconditioner's per-coordinate variance (`weighted_variance`): a
 # coordinate on which the particles have collapsed must still be able to move.
 MIN_VARIANCE = 1e-12
+
+# Moves per stage (`keep_moving`): until the particles' mean squared distance from the
+# stage's start (in units of the preconditioner) grows by less than MOVE_DISTANCE_GAIN
+# over a move, at least MIN_MOVES, at most ``num_mcmc_steps``. It levels off near twice
+# the dimension once the particles have forgotten their resampled starting points;
+# a distance growing linearly in the moves k gains 1 / (k - 1), so slow moves run to
+# the cap. As `particles`' AdaptiveMCMCSequence (Chopin and Papaspiliopoulos, 2020).
+MOVE_DISTANCE_GAIN = 0.1
+MIN_MOVES = 2
 
 # A tempered run whose temperature is still below 1 after this many stages stops
 # with an error (`check_stage_limit`): the likelihood is too sharp for the target
@@ -392,7 +401,7 @@ def adapt_step_size(
     Rule: ``h' = h * exp(gain * (a - target))``. A stage that accepts too little
     shrinks the step, by at most ``exp(-gain * target)``; one that accepts too
     much grows it, by at most ``exp(gain * (1 - target))``; at ``a = target`` the
-    step is kept. A NaN rate (no moves) counts as 0. (BlackJAX's
+    step is kept; so is it after a stage without moves (NaN rate). (BlackJAX's
     ``update_scale_from_acceptance_rate`` is this rule with ``gain=1``; see
     `STEP_ADAPT_GAIN` for why the default is 2.)
 
@@ -406,8 +415,33 @@ def adapt_step_size(
         >>> adapt_step_size(0.5, 0.65, 0.65)
         0.5
     """
-    a = 0.0 if not np.isfinite(acceptance_rate) else float(acceptance_rate)
-    return float(step_size * math.exp(gain * (a - target)))
+    a = float(acceptance_rate)
+    return float(step_size * math.exp(gain * (a - target))) if np.isfinite(a) else float(step_size)
+
+
+def keep_moving(
+    num_moves: int, distance: float, previous: float, max_moves: int, *, adaptive: bool = True
+) -> bool:
+    """Whether a stage moves its particles once more, after ``num_moves`` moves.
+
+    With ``adaptive``: while fewer than ``max_moves`` moves were made and either fewer
+    than `MIN_MOVES`, or the last move grew the mean squared distance from the stage's
+    starting points by at least `MOVE_DISTANCE_GAIN` (``distance >= (1 + gain) *
+    previous``). Without: while fewer than ``max_moves``.
+
+    ``distance``: the particles' mean squared distance from where the stage started,
+    in units of the preconditioner's variance, after the last move; ``previous``: the
+    same after the move before; ``max_moves``: ``num_mcmc_steps``.
+
+    Example:
+        >>> keep_moving(2, 8.0, 4.0, 10), keep_moving(3, 8.4, 8.0, 10)
+        (True, False)
+    """
+    if num_moves >= max_moves:
+        return False
+    if not adaptive or num_moves < MIN_MOVES:
+        return True
+    return bool(distance >= (1.0 + MOVE_DISTANCE_GAIN) * previous)
 
 
 def weighted_variance(particles: np.ndarray, log_weights: np.ndarray) -> np.ndarray:

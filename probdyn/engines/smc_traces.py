@@ -2,7 +2,8 @@
 
 The traces are indexed by the temperature the particles were moved at, ``beta_0 =
 0, ..., beta_K = 1``: `StageTraces` starts them at ``beta_0`` (full ESS, zero log
-evidence), each stage adds its move's acceptance rate and step size, and each
+evidence), each stage adds its moves' acceptance rate, step size and number (the
+prior draws at ``beta_0`` are not moved: 0 moves, acceptance rate NaN), and each
 reweighting the next temperature, its ESS and the running log evidence.
 """
 
@@ -20,11 +21,11 @@ BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| temperature {n:.3g}/1 [{elapsed}
 
 class StageTraces:
     """The per-stage curves of one tempered SMC run (``temperature``, ``ess``,
-    ``log_evidence``, ``acceptance_rate``, ``step_size``).
+    ``log_evidence``, ``acceptance_rate``, ``step_size``, ``num_moves``).
 
     Example:
         >>> t = StageTraces(100)
-        >>> t.moved(0.8, 0.5); t.reweighted(1.0, 60.0, -1.25); t.moved(0.7, 0.4)
+        >>> t.moved(float("nan"), 0.5, 0); t.reweighted(1.0, 60.0, -1.25); t.moved(0.7, 0.5, 3)
         >>> t.temperature, t.log_evidence
         (1.0, -1.25)
         >>> {k: v.shape for k, v in t.arrays().items()}["acceptance_rate"]
@@ -38,6 +39,7 @@ class StageTraces:
             "log_evidence": [0.0],
             "acceptance_rate": [],
             "step_size": [],
+            "num_moves": [],
         }
 
     @property
@@ -50,10 +52,12 @@ class StageTraces:
         """The running estimate of ``log p(y)``."""
         return self.curves["log_evidence"][-1]
 
-    def moved(self, acceptance_rate: float, step_size: float) -> None:
-        """Record a stage's move at the current temperature."""
+    def moved(self, acceptance_rate: float, step_size: float, num_moves: int) -> None:
+        """Record a stage's moves at the current temperature (``num_moves`` of them;
+        acceptance rate NaN if none)."""
         self.curves["acceptance_rate"].append(acceptance_rate)
         self.curves["step_size"].append(step_size)
+        self.curves["num_moves"].append(num_moves)
 
     def reweighted(self, temperature: float, ess: float, log_increment: float) -> None:
         """Record a reweighting to ``temperature``: the weights' ESS and the evidence
@@ -73,9 +77,11 @@ class StageTraces:
 
 def tempered_attrs(traces: dict[str, np.ndarray], **backend: Any) -> dict[str, Any]:
     """``Posterior.attrs`` of a tempered SMC run: ``log_evidence`` (the last of its
-    trace), ``num_stages`` and the backend's own entries."""
+    trace), ``num_stages``, ``num_moves`` (all stages' moves) and the backend's own
+    entries."""
     return {
         "log_evidence": float(traces["log_evidence"][-1]),
         "num_stages": len(traces["temperature"]) - 1,
+        "num_moves": int(np.sum(traces["num_moves"])),
         **backend,
     }

@@ -59,6 +59,8 @@ class FlatModel(NamedTuple):
             (``-inf`` or NaN where it cannot be computed).
         constrain: ``(N, dim)`` rows to the constrained latent sites,
             ``{site: (N, *shape)}``.
+        log_parts: ``u`` to ``(logprior(u), loglik(u))`` from one run of the model,
+            so that a program that needs both holds the model (an ODE solve, say) once.
     """
 
     dim: int
@@ -67,6 +69,7 @@ class FlatModel(NamedTuple):
     loglik: Callable[[jax.Array], jax.Array]
     raw_loglik: Callable[[jax.Array], jax.Array]
     constrain: Callable[[jax.Array], dict[str, jax.Array]]
+    log_parts: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def flat_model(
@@ -135,4 +138,8 @@ def flat_model(
     def constrain(particles: jax.Array) -> dict[str, jax.Array]:
         return jax.vmap(lambda u: constrain_fn(model, args, kwargs, unravel(u)))(particles)
 
-    return FlatModel(dim, prior_draw, logprior, loglik, raw_loglik, constrain)
+    def both(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        prior, ll = log_parts(u)
+        return prior, jnp.where(jnp.isfinite(ll), ll, loglik_floor(ll.dtype))
+
+    return FlatModel(dim, prior_draw, logprior, loglik, raw_loglik, constrain, both)

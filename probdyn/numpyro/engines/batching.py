@@ -13,29 +13,72 @@ of 50 ReLU units; a 2-core AMD EPYC with 1 MiB of L2 per core and 32 MiB of L3):
 at 277, 1 439 and 8 611 rows (32, 8 and 1 particles), 2.4-2.9 times faster than one
 vmap; for 5 ensemble members on 10 740 rows, one member at a time was 3.3 times
 faster. Hence `CPU_BATCH_BYTES`.
+
+A computation with a loop, such as an adaptive ODE solve (a ``while`` loop of solver
+steps), is different: its temporaries are small, but every iteration pays a fixed
+overhead that a vmap shares among its items, so mapping a few items at a time
+multiplies that overhead. Its automatic batch therefore holds at least
+`LOOP_MIN_BATCH` items (all of them when there are fewer): an ODE model is never
+mapped one particle at a time unless the user asks for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from jax.extend import core as jax_core
 
-__all__ = ["CPU_BATCH_BYTES", "batch_size", "map_batched"]
+__all__ = ["CPU_BATCH_BYTES", "LOOP_MIN_BATCH", "batch_size", "has_loop", "map_batched"]
 
 CPU_BATCH_BYTES = 4 * 2**20
+LOOP_MIN_BATCH = 128
+
+
+def _equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a jaxpr, those of its sub-jaxprs (loop bodies, branches) too."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    yield from _equations(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    yield from _equations(sub)
+
+
+def has_loop(fn: Callable[..., Any], example: tuple[Any, ...]) -> bool:
+    """Whether ``fn(*example)`` runs a ``while`` loop (an adaptive ODE solve, say).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> has_loop(jnp.sin, (jnp.zeros(3),))
+        False
+        >>> has_loop(lambda x: jax.lax.while_loop(lambda v: v < 1.0, lambda v: v + 0.5, x),
+        ...          (jnp.zeros(()),))
+        True
+    """
+    jaxpr = jax.make_jaxpr(fn)(*example).jaxpr
+    return any(eqn.primitive.name == "while" for eqn in _equations(jaxpr))
 
 
 def batch_size(
-    fn: Callable[..., Any], example: tuple[Any, ...], count: int, fixed: int | None
+    fn: Callable[..., Any],
+    example: tuple[Any, ...],
+    count: int,
+    fixed: int | None,
+    *,
+    what: str = "items",
 ) -> int:
     """How many of ``count`` items one vectorised call takes; 0 means all (one ``vmap``).
 
     ``fixed`` when given; otherwise, on a CPU with one device, the most items whose
     temporaries fit in `CPU_BATCH_BYTES`, read off XLA's memory analysis of ``fn``
-    compiled for one item (``fn(*example)``, typically one item's gradient); on a GPU,
-    or with several devices, all of them.
+    compiled for one item (``fn(*example)``, typically one item's gradient), and at
+    least `LOOP_MIN_BATCH` if ``fn`` runs a loop (`has_loop`); on a GPU, or with
+    several devices, all of them.
 
     Args:
         fn: the per-item computation to size (not run, only compiled).
@@ -43,6 +86,11 @@ def batch_size(
         count: how many items are mapped over.
         fixed: the user's choice (``particles_per_batch``, ``members_per_batch``), or
             None for the automatic one.
+        what: what the items are, for the warning (see below).
+
+    Warns:
+        RuntimeWarning: if the user fixed one item at a time for a ``fn`` with a loop
+            (it is then several times slower than batches of `LOOP_MIN_BATCH`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -52,6 +100,14 @@ def batch_size(
         10
     """
     if fixed is not None:
+        if fixed == 1 and count > 1 and has_loop(fn, example):
+            warnings.warn(
+                f"{what}: one at a time (a batch of 1) for a model with a loop (an ODE "
+                f"solve, say) pays the loop's overhead once per item; batches of "
+                f"{LOOP_MIN_BATCH} or more are usually several times faster.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return 0 if fixed >= count else fixed
     if jax.default_backend() != "cpu" or jax.device_count() > 1:
         return 0
@@ -60,6 +116,8 @@ def batch_size(
     if temp is None:  # no memory analysis: one vmap
         return 0
     size = CPU_BATCH_BYTES // max(int(temp), 1)
+    if size < LOOP_MIN_BATCH and has_loop(fn, example):
+        size = LOOP_MIN_BATCH
     return 0 if size >= count else max(int(size), 1)
 
 

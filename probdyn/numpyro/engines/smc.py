@@ -1,44 +1,36 @@
-"""Likelihood-tempered SMC for NumPyro models, on BlackJAX's SMC kernels.
+"""Likelihood-tempered SMC for NumPyro models: the stages, their checks, the result.
 
-The model becomes two log densities of one flat vector ``u`` of the latent sites
-in unconstrained space, ``logprior(u)`` (with ``log |det J|``) and ``loglik(u)``
-(observed and ``factor`` sites, tempered), in `probdyn.numpyro.logdensity`. A
-non-finite log likelihood becomes a huge negative number, so that such a particle
-gets weight zero (and never NaN) and MCMC moves leave it. The run stops with an
-error if every prior draw has a non-finite log likelihood (one likelihood pass
-over the initial particles) or if after some stage every particle has: read off
-that stage's log-likelihood increment, which is then ``delta`` times the huge
-negative number, so the stages make no likelihood pass of their own; only a stage
-whose temperature stalls (as the adaptive bisection does when every weight is
-equal) counts the valid particles, to say which of the two errors it is.
+The model becomes one function of a flat vector ``u`` of the latent sites in
+unconstrained space, ``(logprior(u), loglik(u))`` from one run of the model
+(`probdyn.numpyro.logdensity`): the log prior with ``log |det J|``, and the observed
+and ``factor`` sites, tempered. A non-finite log likelihood becomes a huge negative
+number, so that such a particle gets weight zero (and never NaN) and MCMC moves
+leave it.
 
-BlackJAX's ``adaptive_tempered_smc`` (``temperatures="adaptive"``: the next
-temperature by bisection on the ESS of the incremental weights) or
-``tempered_smc`` (a given schedule) makes one stage: resample systematically,
-move ``num_mcmc_steps`` times at the current temperature, reweight to the next
-one. ``inner_kernel_tuning`` adapts the move kernel between stages, by the rules
-and constants of `probdyn.engines.smc_math` that the Pyro runner uses too:
+Each stage is one compiled function (`probdyn.numpyro.engines.smc_program`): it
+resamples systematically, moves the particles at the current temperature with the
+kernels of `probdyn.numpyro.engines.smc_kernels` (none at temperature 0, where they
+are exact prior draws; then as many moves as `_smc_math.keep_moving` asks for, at
+most ``num_mcmc_steps``), and reweights them to the next temperature (bisection on
+the ESS of the incremental weights, ``temperatures="adaptive"``, or the given
+schedule). The kernels' tuning follows `probdyn.engines.smc_math`, which the Pyro
+runner reads too:
 
 * preconditioner: the weighted variance of the particle cloud per coordinate
   (`_smc_math.weighted_variance`), as HMC's diagonal inverse mass matrix, or its
-  square root as the per-coordinate scale of the MALA and random-walk proposals
-  (MALA runs in coordinates divided by that scale);
+  square root as the per-coordinate scale of the MALA and random-walk proposals;
 * step size: first `_smc_math.initial_step_size`, then ``step * exp(gain *
   (acceptance - target))`` from the previous stage's mean acceptance rate
-  (`_smc_math.adapt_step_size` with gain `_smc_math.step_adapt_gain`, which
-  explains the choice), steered towards `_smc_math.target_acceptance` (0.65 HMC,
-  0.574 MALA, 0.234 random walk, 0.44 in one dimension). Every particle moves
+  (`_smc_math.adapt_step_size` with gain `_smc_math.step_adapt_gain`), steered
+  towards `_smc_math.target_acceptance` (0.65 HMC, 0.574 MALA, 0.234 random walk,
+  0.44 in one dimension); a stage without moves keeps it. Every particle moves
   with the shared step times its own factor ``exp(U(-j, j))``, ``j =
   _smc_math.STEP_JITTER``, drawn afresh each stage, so that some particles still
   move when the shared step is off.
 
-The two formulas that run inside the compiled stage, the step update and the
-weighted variance, are re-stated in jax.numpy in `probdyn.numpyro.engines.smc_program`;
-their constants come from `probdyn.engines.smc_math`.
-
-The runner is three modules: this one runs the stages and checks them
-(`sample_smc`, `run_smc`); `probdyn.numpyro.engines.smc_program` compiles and caches
-the stage; `probdyn.numpyro.engines.smc_kernels` holds the move kernels.
+The first stage evaluates the prior draws; the run stops with an error if all of
+them have a non-finite log likelihood, or if after some stage every particle has
+(the stage counts the valid particles from the log likelihoods it holds).
 
 When the temperature reaches 1, one more stage at temperature 1 resamples and
 moves the particles, so the returned draws are an unweighted sample (uniform
@@ -47,22 +39,22 @@ stages stops with an error. Stages run in a Python loop over one compiled step;
 compiled programs are cached by model, data (by value) and engine settings, so a
 second fit of the same model and data (another key, say) compiles nothing.
 
-On a CPU the particles move in cache-sized batches, not all in one ``jax.vmap``
-(`smc_program.particle_batch_size`, BlackJAX's ``batch_size``): on networks fitted to
-thousands of rows that is several times faster.
+On a CPU the model is evaluated over cache-sized batches of particles, not all in
+one ``jax.vmap`` (`smc_program.particle_batch_size`): on networks fitted to
+thousands of rows that is several times faster; a model with a loop (an ODE solve)
+is evaluated at least `batching.LOOP_MIN_BATCH` particles at a time.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.smc.inner_kernel_tuning import StateWithParameterOverride
+import numpyro
 from tqdm.auto import tqdm
 
 from probdyn.core.engines import SMC
@@ -72,7 +64,7 @@ from probdyn.engines.checks import check_has_latent
 from probdyn.engines.smc_traces import BAR_FORMAT, StageTraces, tempered_attrs
 from probdyn.numpyro.bridge import as_key, check_observed, trace_model
 from probdyn.numpyro.engines.shard import num_devices_of, shard_leading
-from probdyn.numpyro.engines.smc_program import Program, compiled_program
+from probdyn.numpyro.engines.smc_program import Program, StageState, compiled_program
 from probdyn.numpyro.engines.timing import CompileTimer
 from probdyn.numpyro.postprocess import build_posterior
 from probdyn.numpyro.primitives.ode import reset_failed_solves
@@ -101,25 +93,15 @@ def _check_model(trace: dict[str, Any]) -> list[str]:
     return latent
 
 
-def _run_stages(
-    program: Program, engine: SMC, rng: jax.Array
-) -> tuple[StateWithParameterOverride, StageTraces]:
+def _run_stages(program: Program, engine: SMC, rng: jax.Array) -> tuple[StageState, StageTraces]:
     """Stages until the temperature reaches 1, then one rejuvenation stage at 1.
 
-    Stage ``i`` moves the particles at temperature ``beta_i`` and reweights them to
-    ``beta_{i+1}``; the recorded traces are indexed by the temperature the particles
-    were moved at, ``beta_0 = 0, ..., beta_K = 1``.
+    Stage ``i`` moves the particles at temperature ``beta_i`` (not at ``beta_0 = 0``)
+    and reweights them to ``beta_{i+1}``; the recorded traces are indexed by the
+    temperature the particles were moved at, ``beta_0 = 0, ..., beta_K = 1``.
     """
-    state, valid = program.init(jax.random.fold_in(rng, 2))
-    # The particle axis is the parallel axis: with several devices it is split
-    # across them (see `shard_leading`) and the compiled stages follow.
-    state = StateWithParameterOverride(shard_leading(state.sampler_state), state.parameter_override)
+    state = _shard(program.init(jax.random.fold_in(rng, 2)))
     n = engine.num_particles
-    if int(valid) == 0:
-        raise RuntimeError(
-            f"SMC: all {n} prior draws have a non-finite log likelihood; check the model "
-            "(a failed ODE solve, a NaN in the likelihood) or its priors."
-        )
     schedule = None if engine.temperatures == "adaptive" else tuple(engine.temperatures)
     traces = StageTraces(n)
     step_key = jax.random.fold_in(rng, 3)
@@ -127,46 +109,47 @@ def _run_stages(
         stage = 0
         while True:
             beta = 1.0 if schedule is None or stage >= len(schedule) else schedule[stage]
-            temperature = jnp.asarray(beta, state.sampler_state.weights.dtype)
-            state, stats = program.step(jax.random.fold_in(step_key, stage), state, temperature)
+            temperature = jnp.asarray(beta, state.weights.dtype)
+            state, out = program.step(jax.random.fold_in(step_key, stage), state, temperature)
             # Resampling gathers across the whole axis, and XLA may hand the result
             # back replicated: put the particles back on their devices every stage.
-            state = StateWithParameterOverride(
-                shard_leading(state.sampler_state), state.parameter_override
-            )
-            stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-            traces.moved(stats["acceptance_rate"], stats["step_size"])
+            state = _shard(state)
+            stats = {k: float(v) for k, v in jax.device_get(out).items()}
+            traces.moved(stats["acceptance_rate"], stats["step_size"], int(stats["num_moves"]))
             previous = traces.temperature
             if previous >= 1.0:  # that was the rejuvenation stage
                 traces.add_evidence(stats["log_increment"])
                 break
-            count_valid = partial(program.count_valid, state.sampler_state.particles)
-            _check_stage(stats, previous, stage, n, engine, count_valid)
+            _check_stage(stats, previous, stage, n, engine)
             traces.reweighted(stats["temperature"], stats["ess"], stats["log_increment"])
             stage += 1
             bar.update(stats["temperature"] - previous)
-            bar.set_postfix(stage=stage, acceptance=f"{stats['acceptance_rate']:.2f}")
+            bar.set_postfix(stage=stage, moves=int(stats["num_moves"]))
     return state, traces
 
 
-def _check_stage(
-    stats: dict[str, float],
-    previous: float,
-    stage: int,
-    n: int,
-    engine: SMC,
-    count_valid: Callable[[], jax.Array],
-) -> None:
-    """Raise if the stage found every particle invalid or the temperature stalled.
+def _shard(state: StageState) -> StageState:
+    """The particle axis is the parallel axis: with several devices it is split across
+    them (see `shard_leading`) and the compiled stages follow."""
+    return state._replace(cloud=shard_leading(state.cloud), weights=shard_leading(state.weights))
 
-    A stage that raised the temperature tells from its own weights whether every
-    particle is invalid (`smc_program.all_invalid`); a stalled one (the ESS bisection returns 0
-    when all weights are equal, as they are when every particle is invalid) says
-    nothing, so then, and only then, ``count_valid`` evaluates the likelihood.
+
+def _check_stage(stats: dict[str, float], previous: float, stage: int, n: int, engine: SMC) -> None:
+    """Raise if the prior draws or, after a stage, all particles are invalid, or if the
+    temperature stalled.
+
+    The stage counts the particles with a finite log likelihood from the values its
+    moves computed (``num_valid``); a stage that raised the temperature also tells it
+    from its own weights (`smc_program.all_invalid`).
     """
     beta = stats["temperature"]
+    if stage == 0 and stats["num_valid"] == 0:
+        raise RuntimeError(
+            f"SMC: all {n} prior draws have a non-finite log likelihood; check the model "
+            "(a failed ODE solve, a NaN in the likelihood) or its priors."
+        )
     stalled = not np.isfinite(beta) or not np.isfinite(stats["log_increment"]) or beta <= previous
-    if stats["all_invalid"] or (stalled and int(count_valid()) == 0):
+    if stats["all_invalid"] or stats["num_valid"] == 0:
         raise RuntimeError(
             f"SMC: at temperature {beta:.4g} (stage {stage + 1}) all {n} particles have a "
             "non-finite log likelihood; check the model (failed ODE solves, NaN)."
@@ -188,9 +171,11 @@ class SMCResult(NamedTuple):
         log_weight: normalised log weights of the particles, ``(num_particles,)``.
         log_evidence: the estimate of ``log p(y)``.
         traces: per-temperature curves (``temperature``, ``acceptance_rate``,
-            ``step_size``, ``ess``, ``log_evidence``), each ``(num_stages + 1,)``.
+            ``step_size``, ``num_moves``, ``ess``, ``log_evidence``), each
+            ``(num_stages + 1,)``; no move at temperature 0 (``num_moves`` 0,
+            ``acceptance_rate`` NaN).
         num_devices: how many devices held the particles.
-        particles_per_batch: how many particles each vectorised move took.
+        particles_per_batch: how many particles each vectorised evaluation took.
     """
 
     draws: dict[str, np.ndarray]
@@ -230,13 +215,13 @@ def sample_smc(
     likelihood_sites = {n for n, s in trace.items() if s["type"] == "sample" and s["is_observed"]}
     program = compiled_program(model, args, kwargs, latent, likelihood_sites, engine)
     state, traces = _run_stages(program, engine, rng)
-    draws = jax.block_until_ready(program.constrain(state.sampler_state.particles))
+    draws = jax.block_until_ready(program.constrain(state.cloud.u))
     return SMCResult(
         draws={k: np.asarray(draws[k]) for k in latent},
-        log_weight=np.log(np.asarray(state.sampler_state.weights)),
+        log_weight=np.log(np.asarray(state.weights)),
         log_evidence=traces.log_evidence,
         traces=traces.arrays(),
-        num_devices=num_devices_of(state.sampler_state.particles),
+        num_devices=num_devices_of(state.cloud.u),
         particles_per_batch=program.particles_per_batch,
     )
 
@@ -254,7 +239,11 @@ def run_smc(
     (``(1, num_particles, *event)``), with ``attrs["log_evidence"]`` the estimate of
     ``log p(y)`` and ``traces`` indexed by temperature (see `SMC`).
     """
-    trace = trace_model(model, args, kwargs, as_key(key))
+    # The sites' structure only: a prior draw whose ODE solve fails (the solver
+    # returns zeros, whose log is -inf) must not stop the fit here; the stages give
+    # such draws weight zero.
+    with numpyro.validation_enabled(False):
+        trace = trace_model(model, args, kwargs, as_key(key))
     observed = check_observed(trace)
     reset_failed_solves()
     start = time.perf_counter()

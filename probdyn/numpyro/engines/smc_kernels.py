@@ -1,99 +1,278 @@
-"""The move kernels of the NumPyro tempered SMC runner, on BlackJAX's MCMC kernels.
+"""The move kernels of the NumPyro tempered SMC runner, one compiled loop per stage.
+
+The particles move together: every MCMC move of the whole cloud is one ``jax.vmap``
+(or cache-sized batches, `probdyn.numpyro.engines.batching.map_batched`) of one
+function, ``evaluate(u) = (logprior(u), loglik(u), grad of logprior + beta *
+loglik)``, from one run of the model. A stage's moves are a ``jax.lax.while_loop``
+whose every iteration makes exactly one such evaluation of the cloud, so the
+compiled stage holds the model (an ODE solve, say) once, whatever the kernel, the
+number of moves or the batch size:
+
+* the first iteration of a stage evaluates the particles where they are, at the
+  stage's temperature (their stored gradient was taken at the previous one);
+  the random walk, which needs no gradient, skips it after the first stage;
+* each HMC move takes ``num_leapfrog_steps`` iterations (one evaluation per
+  leapfrog step); MALA and the random walk one.
 
 Every particle moves with the stage's shared step size times its own jitter factor
 (see `probdyn.engines.smc_math.STEP_JITTER`), preconditioned per coordinate by the
 weighted variance of the particle cloud: HMC takes that variance as its diagonal
 inverse mass matrix, MALA and the random walk its square root as a per-coordinate
-scale (MALA runs in coordinates divided by that scale).
+scale (BlackJAX's parametrisations: MALA proposes ``u + h s**2 grad + sqrt(2 h) s
+xi``).
+
+The number of moves adapts (`probdyn.engines.smc_math.keep_moving`): the loop stops
+once the particles' mean squared distance from where the stage started, in units of
+the preconditioner, grows by less than `probdyn.engines.smc_math.MOVE_DISTANCE_GAIN`
+over a move, or after ``max_moves`` moves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import blackjax
 import jax
 import jax.numpy as jnp
-from blackjax.mcmc import random_walk
-from blackjax.mcmc.mala import MALAState
 
-from probdyn.core.engines import SMC
+from probdyn.engines import smc_math as _smc_math
+from probdyn.numpyro.engines.batching import map_batched
 
-__all__ = ["MoveKernel", "move_kernel"]
+__all__ = ["Cloud", "MoveStats", "evaluator", "move"]
 
-
-class MoveKernel(NamedTuple):
-    """A BlackJAX move kernel and how its preconditioner follows the particle cloud."""
-
-    init: Callable[..., Any]
-    step: Callable[..., Any]
-    preconditioner: str  # name of the per-coordinate parameter
-    from_variance: Callable[[jax.Array], jax.Array]
+# (u (N, D), beta) -> (logprior (N,), loglik (N,), gradient of the tempered target (N, D))
+Evaluate = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def _hmc_step(
-    rng_key: jax.Array,
-    state: Any,
-    logdensity_fn: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    jitter: jax.Array,
-    inverse_mass_matrix: jax.Array,
-    *,
-    num_integration_steps: int,
-) -> tuple[Any, Any]:
-    """BlackJAX's HMC with a diagonal inverse mass matrix and a jittered step size."""
-    return blackjax.hmc.build_kernel()(
-        rng_key,
-        state,
-        logdensity_fn,
-        step_size * jitter,
-        inverse_mass_matrix,
-        num_integration_steps,
-    )
+class Cloud(NamedTuple):
+    """The particles with what one evaluation of the model says about them.
 
-
-def _mala_step(
-    rng_key: jax.Array,
-    state: MALAState,
-    logdensity_fn: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    jitter: jax.Array,
-    scale: jax.Array,
-) -> tuple[MALAState, Any]:
-    """BlackJAX's MALA in the coordinates ``z = u / scale`` (diagonal preconditioning).
-
-    The map is linear, so its Jacobian is a constant that the Metropolis ratio
-    ignores; the chain on ``z`` mapped back leaves the target of ``u`` invariant.
+    Attributes:
+        u: ``(N, D)`` unconstrained positions.
+        logprior: ``(N,)`` log prior with ``log |det J|``.
+        loglik: ``(N,)`` log likelihood (a non-finite one floored, see `loglik_floor`).
+        grad: ``(N, D)`` gradient of ``logprior + beta * loglik`` at the temperature of
+            the last evaluation (zeros for the random walk).
     """
-    scaled = MALAState(state.position / scale, state.logdensity, state.logdensity_grad * scale)
-    new, info = blackjax.mala.build_kernel()(
-        rng_key, scaled, lambda z: logdensity_fn(z * scale), step_size * jitter
+
+    u: jax.Array
+    logprior: jax.Array
+    loglik: jax.Array
+    grad: jax.Array
+
+
+class MoveStats(NamedTuple):
+    """What a stage's moves did: ``num_moves`` moves of the cloud (0: none), the mean
+    acceptance probability over moves and particles (NaN if none), and how many
+    evaluations of the cloud they took."""
+
+    num_moves: jax.Array
+    acceptance_rate: jax.Array
+    num_evaluations: jax.Array
+
+
+def evaluator(
+    log_parts: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    per_batch: int,
+    needs_grad: bool,
+) -> Evaluate:
+    """``evaluate(u, beta)`` for a whole cloud, one particle's ``log_parts`` mapped over
+    it (one ``vmap`` when ``per_batch`` is 0, else batches of ``per_batch``).
+
+    A non-finite gradient becomes 0: such a particle (a failed solve) has the floored
+    log likelihood, and its moves are rejected by the Metropolis test.
+    """
+
+    def one(u: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if not needs_grad:
+            lp, ll = log_parts(u)
+            return lp, ll, jnp.zeros_like(u)
+
+        def target(v: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            lp, ll = log_parts(v)
+            # At beta = 0 the likelihood is left out (0 * floor is 0 anyway).
+            return lp + jnp.where(beta > 0, beta * ll, 0.0), (lp, ll)
+
+        (_, (lp, ll)), grad = jax.value_and_grad(target, has_aux=True)(u)
+        return lp, ll, jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    return map_batched(one, per_batch, in_axes=(0, None))  # type: ignore[no-any-return]
+
+
+class _Trajectory(NamedTuple):
+    """A proposal under way: the point to evaluate next and what the kernel carries."""
+
+    q: jax.Array  # (N, D) the point the next evaluation is at
+    p: jax.Array  # (N, D) HMC's momentum (unused otherwise)
+    log_q0: jax.Array  # (N,) HMC: minus the start's kinetic energy; MALA: the noise term
+    leapfrog: jax.Array  # () leapfrog steps taken in this trajectory
+
+
+class _Loop(NamedTuple):
+    key: jax.Array
+    cloud: Cloud
+    fresh: jax.Array  # () whether cloud.grad is at this stage's temperature
+    traj: _Trajectory
+    moves: jax.Array  # () completed moves
+    accept_sum: jax.Array  # () sum over moves of the mean acceptance probability
+    distance: jax.Array  # () mean squared distance from the start after the last move
+    previous: jax.Array  # () the same after the move before
+    going: jax.Array  # () whether to move again
+    evaluations: jax.Array  # () evaluations of the cloud so far
+
+
+def _tempered(lp: jax.Array, ll: jax.Array, beta: jax.Array) -> jax.Array:
+    return lp + jnp.where(beta > 0, beta * ll, 0.0)
+
+
+def move(
+    key: jax.Array,
+    cloud: Cloud,
+    fresh: jax.Array,
+    evaluate: Evaluate,
+    *,
+    kernel: str,
+    num_leapfrog_steps: int,
+    beta: jax.Array,
+    step: jax.Array,
+    variance: jax.Array,
+    max_moves: jax.Array,
+    adaptive: bool,
+) -> tuple[Cloud, MoveStats]:
+    """Move the cloud at temperature ``beta`` by up to ``max_moves`` moves of ``kernel``.
+
+    Args:
+        key: the stage's key.
+        cloud: the particles, with the values of their last evaluation.
+        fresh: whether ``cloud.grad`` is already at ``beta`` (else the first iteration
+            evaluates the particles where they are).
+        evaluate: `evaluator`'s function of the cloud.
+        kernel: ``"hmc"``, ``"mala"`` or ``"rw"``.
+        num_leapfrog_steps: leapfrog steps per HMC move.
+        beta: the temperature.
+        step: ``(N, 1)`` step size of each particle (shared step times its jitter).
+        variance: ``(D,)`` the preconditioner's per-coordinate variance.
+        max_moves: at most this many moves (0: only the evaluation, if not fresh).
+        adaptive: stop early by `probdyn.engines.smc_math.keep_moving`; else make
+            ``max_moves`` moves.
+
+    Returns:
+        The moved cloud (evaluated at ``beta``) and its `MoveStats`.
+    """
+    scale = jnp.sqrt(variance)
+    steps_per_move = num_leapfrog_steps if kernel == "hmc" else 1
+    start = cloud.u
+    zero = jnp.zeros((), cloud.u.dtype)
+
+    def begin(key: jax.Array, c: Cloud) -> _Trajectory:
+        """Start a proposal from ``c``: the first point to evaluate."""
+        xi = jax.random.normal(key, c.u.shape, c.u.dtype)
+        n = c.u.shape[0]
+        if kernel == "hmc":
+            p = xi / scale  # momentum ~ N(0, M), M = 1 / variance
+            log_q0 = -0.5 * jnp.sum(variance * p**2, axis=-1)
+            p = p + 0.5 * step * c.grad
+            return _Trajectory(c.u + step * variance * p, p, log_q0, jnp.zeros((), jnp.int32))
+        if kernel == "mala":
+            q = c.u + step * variance * c.grad + jnp.sqrt(2 * step) * scale * xi
+            return _Trajectory(q, xi, 0.5 * jnp.sum(xi**2, axis=-1), jnp.zeros((), jnp.int32))
+        q = c.u + step * scale * xi
+        return _Trajectory(q, xi, jnp.zeros(n, c.u.dtype), jnp.zeros((), jnp.int32))
+
+    def finish(key: jax.Array, c: Cloud, t: _Trajectory, new: Cloud) -> tuple[Cloud, jax.Array]:
+        """The Metropolis test of the proposal ``new`` (``t`` its trajectory)."""
+        log_ratio = _tempered(new.logprior, new.loglik, beta) - _tempered(
+            c.logprior, c.loglik, beta
+        )
+        if kernel == "hmc":
+            log_ratio = log_ratio - 0.5 * jnp.sum(variance * t.p**2, axis=-1) - t.log_q0
+        elif kernel == "mala":
+            back = (c.u - new.u - step * variance * new.grad) / (jnp.sqrt(2 * step) * scale)
+            log_ratio = log_ratio - 0.5 * jnp.sum(back**2, axis=-1) + t.log_q0
+        log_ratio = jnp.nan_to_num(log_ratio, nan=-jnp.inf)
+        accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
+        keep = jax.random.uniform(key, accept_prob.shape, accept_prob.dtype) < accept_prob
+        chosen = jax.tree.map(
+            lambda a, b: jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b), new, c
+        )
+        return chosen, jnp.mean(accept_prob)
+
+    def cond(s: _Loop) -> jax.Array:
+        return ~s.fresh | s.going
+
+    def body(s: _Loop) -> _Loop:
+        k_move, k_accept, k_next = jax.random.split(s.key, 3)
+        x = jnp.where(s.fresh, s.traj.q, s.cloud.u)
+        lp, ll, grad = evaluate(x, beta)
+        evaluated = Cloud(x, lp, ll, grad)
+
+        # Case 1: the stage's first evaluation, at the particles themselves.
+        refreshed = evaluated
+
+        # Case 2: a leapfrog step (or MALA's / the random walk's one evaluation).
+        t = s.traj
+        leapfrog = t.leapfrog + 1
+        last = leapfrog >= steps_per_move
+        if kernel == "hmc":
+            p = t.p + jnp.where(last, 0.5, 1.0) * step * grad
+            q_next = x + step * variance * p
+            t_step = _Trajectory(q_next, p, t.log_q0, leapfrog)
+        else:
+            t_step = t._replace(leapfrog=leapfrog)
+        accepted, rate = finish(k_accept, s.cloud, t_step, evaluated)
+        moved = s.fresh & last  # a move completed in this iteration
+        moves = s.moves + moved.astype(s.moves.dtype)
+        d = jnp.mean(jnp.sum((accepted.u - start) ** 2 / variance, axis=-1))
+        keep_going = _keep_moving(moves, d, s.distance, max_moves, adaptive)
+
+        # Which case, and the state after it.
+        cloud = jax.tree.map(
+            lambda a, b, r: jnp.where(s.fresh, jnp.where(last, a, b), r),
+            accepted,
+            s.cloud,
+            refreshed,
+        )
+        going = jnp.where(s.fresh, jnp.where(last, keep_going, s.going), s.going & (max_moves > 0))
+        fresh_traj = begin(k_move, cloud)
+        traj = jax.tree.map(lambda a, b: jnp.where(moved | ~s.fresh, a, b), fresh_traj, t_step)
+        return _Loop(
+            k_next,
+            cloud,
+            jnp.ones((), bool),
+            traj,
+            moves,
+            s.accept_sum + jnp.where(moved, rate, 0.0),
+            jnp.where(moved, d, s.distance),
+            jnp.where(moved, s.distance, s.previous),
+            going,
+            s.evaluations + 1,
+        )
+
+    k0, k_loop = jax.random.split(key)
+    first = begin(k0, cloud)
+    init = _Loop(
+        k_loop,
+        cloud,
+        jnp.asarray(fresh),
+        first,
+        jnp.zeros((), jnp.int32),
+        zero,
+        zero,
+        zero,
+        jnp.asarray(max_moves) > 0,
+        jnp.zeros((), jnp.int32),
     )
-    return MALAState(new.position * scale, new.logdensity, new.logdensity_grad / scale), info
+    out = jax.lax.while_loop(cond, body, init)
+    rate = jnp.where(out.moves > 0, out.accept_sum / jnp.maximum(out.moves, 1), jnp.nan)
+    return out.cloud, MoveStats(out.moves, rate, out.evaluations)
 
 
-def _rw_step(
-    rng_key: jax.Array,
-    state: Any,
-    logdensity_fn: Callable[[jax.Array], jax.Array],
-    step_size: jax.Array,
-    jitter: jax.Array,
-    scale: jax.Array,
-) -> tuple[Any, Any]:
-    """BlackJAX's additive random walk, Gaussian steps of sd ``step_size * jitter * scale``."""
-    kernel = blackjax.additive_step_random_walk.build_kernel()
-    step = random_walk.normal(step_size * jitter * scale)
-    return kernel(rng_key, state, logdensity_fn, step)
-
-
-def move_kernel(engine: SMC) -> MoveKernel:
-    """The BlackJAX kernel ``engine.kernel`` names, with its preconditioner's name and
-    how that preconditioner follows the particle cloud's variance."""
-    if engine.kernel == "hmc":
-        step = partial(_hmc_step, num_integration_steps=engine.num_leapfrog_steps)
-        return MoveKernel(blackjax.hmc.init, step, "inverse_mass_matrix", lambda v: v)
-    if engine.kernel == "mala":
-        return MoveKernel(blackjax.mala.init, _mala_step, "scale", jnp.sqrt)
-    return MoveKernel(blackjax.additive_step_random_walk.init, _rw_step, "scale", jnp.sqrt)
+def _keep_moving(
+    moves: jax.Array, distance: jax.Array, previous: jax.Array, max_moves: jax.Array, adaptive: bool
+) -> jax.Array:
+    """`probdyn.engines.smc_math.keep_moving` in jax.numpy."""
+    more = moves < max_moves
+    if not adaptive:
+        return more
+    growing = distance >= (1.0 + _smc_math.MOVE_DISTANCE_GAIN) * previous
+    return more & ((moves < _smc_math.MIN_MOVES) | growing)

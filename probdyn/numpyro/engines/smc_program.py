@@ -1,15 +1,26 @@
 """The compiled program of the NumPyro tempered SMC runner, and its cache.
 
-One `Program` holds the jitted pieces of a run: the prior draws, one stage (BlackJAX's
-``adaptive_tempered_smc`` or ``tempered_smc`` inside ``inner_kernel_tuning``, which
-adapts the move kernel of `probdyn.numpyro.engines.smc_kernels` between stages by the
-rules of `probdyn.engines.smc_math`), the map back to constrained values and the count
-of valid particles. Programs are cached by model, data (by value) and engine settings
-(`compiled_program`), so a second fit of the same model and data compiles nothing.
+One `Program` holds the jitted pieces of a run: the prior draws, one stage, and the
+map back to constrained values. A stage is one compiled function of the particle
+state and the temperature, reused by every stage of every run with the same model,
+data and engine settings (`compiled_program` caches it):
 
-On a CPU the particles move in cache-sized batches, not all in one ``jax.vmap``
-(`particle_batch_size`, BlackJAX's ``batch_size``): on networks fitted to thousands of
-rows that is several times faster.
+1. the preconditioner: the weighted variance of the cloud per coordinate
+   (`_smc_math.weighted_variance`);
+2. systematic resampling (BlackJAX's ``resampling.systematic``);
+3. the moves at the current temperature (`smc_kernels.move`): none at temperature 0,
+   where the particles are exact prior draws (only their evaluation), then up to
+   ``num_mcmc_steps`` moves, as many as `_smc_math.keep_moving` asks for with
+   ``adaptive_moves``; every move of the cloud is one vectorised evaluation of the
+   model per leapfrog step, and the stage holds that evaluation once;
+4. the next temperature, by bisection on the ESS of the incremental weights
+   (`_smc_math.next_temperature`, re-stated in jax.numpy), or the given one; the
+   reweighting reads the log likelihoods the moves computed, and evaluates nothing;
+5. the step size of the next stage (`_smc_math.adapt_step_size`).
+
+On a CPU the model is evaluated over cache-sized batches of particles, not all in one
+``jax.vmap`` (`particle_batch_size`); for a model with a loop (an adaptive ODE solve)
+the batch holds at least `batching.LOOP_MIN_BATCH` particles unless the user fixes it.
 """
 
 from __future__ import annotations
@@ -17,40 +28,58 @@ from __future__ import annotations
 import collections
 import hashlib
 from collections.abc import Callable
-from functools import partial
 from typing import Any, NamedTuple
 
-import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.smc import inner_kernel_tuning, resampling
-from blackjax.smc.inner_kernel_tuning import StateWithParameterOverride
-from blackjax.smc.tempered import TemperedSMCState
+from blackjax.smc import resampling
 
 from probdyn.core.engines import SMC
 from probdyn.engines import smc_math as _smc_math
 from probdyn.numpyro.engines.batching import batch_size
-from probdyn.numpyro.engines.smc_kernels import move_kernel
+from probdyn.numpyro.engines.smc_kernels import Cloud, evaluator, move
 from probdyn.numpyro.logdensity import FlatModel, flat_model, loglik_floor
 
-__all__ = ["Program", "all_invalid", "clear_cache", "compiled_program", "particle_batch_size"]
+__all__ = [
+    "Program",
+    "StageState",
+    "all_invalid",
+    "clear_cache",
+    "compiled_program",
+    "particle_batch_size",
+]
 
 _CACHE_SIZE = 8
 _CACHE: collections.OrderedDict[Any, Program] = collections.OrderedDict()
+_BISECTION_STEPS = 64  # halvings of the temperature bracket: below float64 resolution
+
+
+class StageState(NamedTuple):
+    """The particles between stages.
+
+    Attributes:
+        cloud: the particles and their last evaluation (`smc_kernels.Cloud`).
+        weights: ``(N,)`` normalised weights.
+        temperature: the temperature the weights are at.
+        step_size: the shared step size of the next stage's moves.
+        fresh: whether ``cloud`` was evaluated at ``temperature`` (its gradient).
+    """
+
+    cloud: Cloud
+    weights: jax.Array
+    temperature: jax.Array
+    step_size: jax.Array
+    fresh: jax.Array
 
 
 class Program(NamedTuple):
     """The compiled pieces of one run, reused across stages and across calls."""
 
-    init: Callable[[jax.Array], Any]
-    step: Callable[..., Any]
+    init: Callable[[jax.Array], StageState]
+    step: Callable[..., tuple[StageState, dict[str, jax.Array]]]
     constrain: Callable[[jax.Array], dict[str, jax.Array]]
-    # Particles -> how many have a finite log likelihood. Called (and so compiled)
-    # only when a stage stalls, to tell "all particles invalid" from a degenerate
-    # temperature step; a stage that advances reads it off its weights instead.
-    count_valid: Callable[[jax.Array], jax.Array]
-    particles_per_batch: int  # particles moved at once (`particle_batch_size`)
+    particles_per_batch: int  # particles evaluated at once (`particle_batch_size`)
 
 
 def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
@@ -58,6 +87,37 @@ def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
     mean = weights @ particles
     var = weights @ (particles - mean) ** 2
     return jnp.maximum(var, _smc_math.MIN_VARIANCE)
+
+
+def _next_temperature(
+    loglik: jax.Array, valid: jax.Array, beta: jax.Array, target_ess: float
+) -> jax.Array:
+    """`_smc_math.next_temperature` in jax.numpy, after a resampling (equal weights).
+
+    The largest ``beta' <= 1`` whose incremental weights ``exp((beta' - beta) *
+    loglik)`` over the ``valid`` particles keep an ESS of ``target_ess`` times their
+    number, by bisection; ``beta`` itself (a stall, which the runner reports) when no
+    particle is valid.
+    """
+    target = target_ess * jnp.sum(valid)
+
+    def ess_at(delta: jax.Array) -> jax.Array:
+        lw = jnp.where(valid, delta * loglik, -jnp.inf)
+        w = jnp.exp(lw - jnp.max(lw))
+        return jnp.sum(w) ** 2 / jnp.sum(w**2)
+
+    span = jnp.maximum(1.0 - beta, 0.0)
+
+    def halve(_: int, bracket: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        ok = ess_at(mid) >= target
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (jnp.zeros_like(span), span))
+    reach_one = (beta >= 1.0) | (ess_at(span) >= target)
+    new = jnp.where(reach_one, 1.0, beta + jnp.where(lo > 0, lo, hi))
+    return jnp.where(jnp.any(valid), jnp.minimum(new, 1.0), beta)
 
 
 def all_invalid(log_increment: jax.Array, delta: jax.Array) -> jax.Array:
@@ -78,10 +138,11 @@ def all_invalid(log_increment: jax.Array, delta: jax.Array) -> jax.Array:
 
 
 def particle_batch_size(fm: FlatModel, engine: SMC) -> int:
-    """How many particles one vectorised move takes: BlackJAX's ``batch_size`` (0: all).
+    """How many particles one vectorised evaluation of the model takes (0: all).
 
-    ``engine.particles_per_batch`` when given, else `_batching.batch_size` of one
-    particle's gradient (cache-sized batches on a CPU, all particles elsewhere).
+    ``engine.particles_per_batch`` when given, else `batching.batch_size` of one
+    particle's gradient (cache-sized batches on a CPU, all particles elsewhere; at
+    least `batching.LOOP_MIN_BATCH` for a model with a loop, such as an ODE solve).
 
     Example:
         >>> import probdyn
@@ -91,9 +152,11 @@ def particle_batch_size(fm: FlatModel, engine: SMC) -> int:
         >>> particle_batch_size(fm, probdyn.SMC(num_particles=100, particles_per_batch=10))
         10
     """
-    grad = jax.grad(lambda u: fm.logprior(u) + fm.loglik(u))
+    grad = jax.grad(lambda u: sum(fm.log_parts(u)))
     example = (jnp.zeros(fm.dim, jnp.result_type(float)),)
-    return batch_size(grad, example, engine.num_particles, engine.particles_per_batch)
+    return batch_size(
+        grad, example, engine.num_particles, engine.particles_per_batch, what="SMC particles"
+    )
 
 
 def _build_program(
@@ -104,88 +167,84 @@ def _build_program(
     likelihood_sites: set[str],
     engine: SMC,
 ) -> Program:
-    """Compile one run's stage: BlackJAX's (adaptive) tempered SMC inside
-    ``inner_kernel_tuning``, whose ``tune`` applies `probdyn.engines.smc_math`'s step
-    rule and preconditioner between stages."""
+    """Compile one run's stage (see the module docstring)."""
     n = engine.num_particles
-    move = move_kernel(engine)
     adaptive = engine.temperatures == "adaptive"
     fm = flat_model(model, args, kwargs, latent, likelihood_sites)
     per_batch = particle_batch_size(fm, engine)
+    evaluate = evaluator(fm.log_parts, per_batch, needs_grad=engine.kernel != "rw")
     target = _smc_math.target_acceptance(engine.kernel, fm.dim)
     gain = _smc_math.step_adapt_gain(engine.kernel)
     jitter_width = _smc_math.STEP_JITTER
 
-    def parameters(key: jax.Array, step: jax.Array, var: jax.Array) -> dict[str, jax.Array]:
-        jitter = jnp.exp(jax.random.uniform(key, (n,), var.dtype, -jitter_width, jitter_width))
-        return {
-            "step_size": step,
-            "jitter": jitter,
-            move.preconditioner: move.from_variance(var)[None],
-        }
-
-    def tune(
-        old: dict[str, jax.Array], key: jax.Array, state: TemperedSMCState, info: Any
-    ) -> dict[str, jax.Array]:
-        # _smc_math.adapt_step_size, in jax.numpy: a NaN rate (no move) counts as 0.
-        rates = jnp.nan_to_num(info.update_info.acceptance_rate, nan=0.0)
-        step = old["step_size"] * jnp.exp(gain * (jnp.mean(rates) - target))
-        return parameters(key, step, _weighted_variance(state.particles, state.weights))
-
-    def init(key: jax.Array) -> tuple[StateWithParameterOverride, jax.Array]:
+    def init(key: jax.Array) -> StageState:
         particles = jax.vmap(fm.prior_draw)(jax.random.split(key, n))
-        weights = jnp.full(n, 1.0 / n, particles.dtype)
-        var = _weighted_variance(particles, weights)
-        first = _smc_math.initial_step_size(engine.kernel, fm.dim)
-        step = jnp.full((1,), first, particles.dtype)
-        params = parameters(jax.random.fold_in(key, 1), step, var)
-        state = TemperedSMCState(particles, weights, jnp.zeros((), particles.dtype))
-        # The one likelihood pass outside the stages: are the prior draws all invalid?
-        # (A stage learns the same from the weights it computes, see all_invalid.)
-        valid = jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
-        return StateWithParameterOverride(state, params), valid
+        dtype = particles.dtype
+        zeros = jnp.zeros(n, dtype)
+        cloud = Cloud(particles, zeros, zeros, jnp.zeros_like(particles))
+        return StageState(
+            cloud,
+            jnp.full(n, 1.0 / n, dtype),
+            jnp.zeros((), dtype),
+            jnp.asarray(_smc_math.initial_step_size(engine.kernel, fm.dim), dtype),
+            jnp.zeros((), bool),  # not evaluated yet: the first stage does it
+        )
 
     def step(
-        key: jax.Array, state: StateWithParameterOverride, temperature: jax.Array
-    ) -> tuple[StateWithParameterOverride, dict[str, jax.Array]]:
-        kernel = inner_kernel_tuning.build_kernel(
-            blackjax.adaptive_tempered_smc if adaptive else blackjax.tempered_smc,
-            fm.logprior,
-            fm.loglik,
-            move.step,
-            move.init,
-            resampling.systematic,
-            partial(tune, state.parameter_override),
-            num_mcmc_steps=engine.num_mcmc_steps,
-            batch_size=per_batch,
-            **({"target_ess": engine.target_ess} if adaptive else {}),
+        key: jax.Array, state: StageState, temperature: jax.Array
+    ) -> tuple[StageState, dict[str, jax.Array]]:
+        k_resample, k_jitter, k_move = jax.random.split(key, 3)
+        cloud, beta = state.cloud, state.temperature
+        dtype = cloud.u.dtype
+        variance = _weighted_variance(cloud.u, state.weights)
+        idx = resampling.systematic(k_resample, state.weights, n)
+        cloud = jax.tree.map(lambda a: a[idx], cloud)
+        jitter = jnp.exp(jax.random.uniform(k_jitter, (n, 1), dtype, -jitter_width, jitter_width))
+        # No move at temperature 0: the particles are exact prior draws.
+        max_moves = jnp.where(beta > 0, engine.num_mcmc_steps, 0)
+        cloud, moved = move(
+            k_move,
+            cloud,
+            state.fresh,
+            evaluate,
+            kernel=engine.kernel,
+            num_leapfrog_steps=engine.num_leapfrog_steps,
+            beta=beta,
+            step=state.step_size * jitter,
+            variance=variance,
+            max_moves=max_moves,
+            adaptive=engine.adaptive_moves,
         )
-        new, info = kernel(key, state, **({} if adaptive else {"tempering_param": temperature}))
-        smc_state = new.sampler_state
-        rates = jnp.nan_to_num(info.update_info.acceptance_rate, nan=0.0)
+        bad = loglik_floor(dtype)
+        valid = cloud.loglik > bad / 2
+        if adaptive:
+            new_beta = _next_temperature(cloud.loglik, valid, beta, engine.target_ess)
+        else:
+            new_beta = jnp.maximum(temperature.astype(dtype), beta)
+        delta = new_beta - beta
+        log_w = jnp.where(delta > 0, delta * cloud.loglik, 0.0)
+        log_increment = jax.nn.logsumexp(log_w) - jnp.log(n)
+        weights = jax.nn.softmax(log_w)
+        rate = moved.acceptance_rate
+        # _smc_math.adapt_step_size: a stage without moves keeps its step.
+        next_step = jnp.where(
+            moved.num_moves > 0, state.step_size * jnp.exp(gain * (rate - target)), state.step_size
+        )
+        fresh = jnp.asarray(engine.kernel == "rw") | (delta == 0)
         stats = {
-            "temperature": smc_state.tempering_param,
-            "acceptance_rate": jnp.mean(rates),
-            "step_size": state.parameter_override["step_size"][0],
-            "log_increment": info.log_likelihood_increment,
-            "ess": 1.0 / jnp.sum(smc_state.weights**2),
-            "all_invalid": all_invalid(
-                info.log_likelihood_increment,
-                smc_state.tempering_param - state.sampler_state.tempering_param,
-            ),
+            "temperature": new_beta,
+            "acceptance_rate": rate,
+            "step_size": state.step_size,
+            "log_increment": log_increment,
+            "ess": 1.0 / jnp.sum(weights**2),
+            "all_invalid": all_invalid(log_increment, delta),
+            "num_valid": jnp.sum(valid),
+            "num_moves": moved.num_moves,
+            "num_evaluations": moved.num_evaluations,
         }
-        return new, stats
+        return StageState(cloud, weights, new_beta, next_step, fresh), stats
 
-    def count_valid(particles: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.isfinite(jax.vmap(fm.raw_loglik)(particles)))
-
-    return Program(
-        jax.jit(init),
-        jax.jit(step),
-        jax.jit(fm.constrain),
-        jax.jit(count_valid),
-        per_batch or engine.num_particles,
-    )
+    return Program(jax.jit(init), jax.jit(step), jax.jit(fm.constrain), per_batch or n)
 
 
 def _leaf_key(leaf: Any) -> Any:
@@ -215,6 +274,7 @@ def compiled_program(
         engine.target_ess,
         engine.temperatures == "adaptive",
         engine.particles_per_batch,
+        engine.adaptive_moves,
         str(jnp.result_type(float)),  # float64 or float32 (jax_enable_x64)
     )
     key = (model, treedef, tuple(_leaf_key(x) for x in leaves), config)

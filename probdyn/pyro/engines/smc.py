@@ -13,8 +13,10 @@ the NumPyro backend reads too, so both backends run the same algorithm:
    ``log mean exp((beta' - beta) * loglik)`` to the log evidence, and reweight the
    particles by the incremental weights; stop with an error if ``beta < 1`` after
    `_smc_math.MAX_STAGES` stages;
-3. resample systematically, and move every particle by ``num_mcmc_steps`` steps
-   of the kernel targeting ``prior * likelihood**beta'``, preconditioned by the
+3. resample systematically, and move every particle by up to ``num_mcmc_steps``
+   steps of the kernel targeting ``prior * likelihood**beta'`` (as many as
+   `_smc_math.keep_moving` asks for with ``adaptive_moves``; none at ``beta = 0``,
+   where the particles are exact prior draws), preconditioned by the
    weighted variance per coordinate of the cloud before resampling
    (`_smc_math.weighted_variance`), with a step size that starts at
    `_smc_math.initial_step_size` and follows `_smc_math.adapt_step_size` (gain
@@ -199,19 +201,31 @@ class _Schedule:
 
 def _move(
     mover: _Mover, cloud: _Cloud, beta: float, step_size: float, variance: np.ndarray
-) -> tuple[_Cloud, float]:
-    """``num_mcmc_steps`` moves at ``beta``, preconditioned by the per-coordinate
+) -> tuple[_Cloud, float, int]:
+    """Up to ``num_mcmc_steps`` moves at ``beta``, preconditioned by the per-coordinate
     ``variance`` ``(D,)``, each particle with its own jittered step (see
-    `_smc_math.STEP_JITTER`); returns the cloud and the mean acceptance probability."""
+    `_smc_math.STEP_JITTER`), as many as `_smc_math.keep_moving` asks for; none at
+    ``beta = 0``, where the particles are exact prior draws. Returns the cloud, the
+    mean acceptance probability (NaN without moves) and the number of moves."""
+    engine = mover.engine
+    max_moves = engine.num_mcmc_steps if beta > 0.0 else 0
+    if max_moves == 0:
+        return cloud, math.nan, 0
     dtype = cloud.u.dtype
-    scale = torch.sqrt(torch.as_tensor(variance, dtype=dtype))
+    var = torch.as_tensor(variance, dtype=dtype)
+    scale = torch.sqrt(var)
     uniform = torch.rand(len(cloud.u), generator=mover.gen, dtype=dtype)
     steps = step_size * torch.exp(_smc_math.STEP_JITTER * (2 * uniform - 1))[:, None]
-    accepted = []
-    for _ in range(mover.engine.num_mcmc_steps):
+    start, accepted = cloud.u, list[float]()
+    distance = previous = 0.0
+    while _smc_math.keep_moving(
+        len(accepted), distance, previous, max_moves, adaptive=engine.adaptive_moves
+    ):
         cloud, accept_prob = mover.step(cloud, beta, steps, scale)
         accepted.append(float(accept_prob.mean()))
-    return cloud, float(np.mean(accepted))
+        previous = distance
+        distance = float(((cloud.u - start) ** 2 / var).sum(-1).mean())
+    return cloud, float(np.mean(accepted)), len(accepted)
 
 
 def _temper(
@@ -237,9 +251,10 @@ def _temper(
             # The preconditioner comes from the weighted cloud, before resampling.
             variance = _smc_math.weighted_variance(cloud.u.numpy(), log_w)
             idx = torch.as_tensor(_smc_math.systematic_resample(log_w, rng))
-            cloud = mover.at(cloud.u[idx], beta)  # the gradient depends on beta
-            cloud, rate = _move(mover, cloud, beta, step_size, variance)
-            traces.moved(rate, step_size)
+            if beta > 0.0:  # the gradient depends on beta; none is needed at 0
+                cloud = mover.at(cloud.u[idx], beta)
+            cloud, rate, num_moves = _move(mover, cloud, beta, step_size, variance)
+            traces.moved(rate, step_size, num_moves)
             step_size = _smc_math.adapt_step_size(step_size, rate, target, gain=gain)
             if beta >= 1.0:
                 break
@@ -250,7 +265,7 @@ def _temper(
             log_w = _smc_math.normalize_log_weights(incremental)
             traces.reweighted(new_beta, _smc_math.ess(log_w), log_increment)
             bar.update(new_beta - beta)
-            bar.set_postfix(stage=stage + 1, acceptance=f"{rate:.2f}")
+            bar.set_postfix(stage=stage + 1, moves=num_moves)
             beta = new_beta
     return cloud.u, traces.arrays()
 
