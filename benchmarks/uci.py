@@ -268,7 +268,9 @@ def make_model(n_features: int, noise_floor: float = 0.0) -> Callable[..., None]
     narrow for new rows. The floor, 0.01 of the training target's sd, lies below
     every fitted noise scale of the eight data sets (the smallest, naval and
     yacht, about 0.02-0.03 in standardised units), so it binds only in the
-    over-fitted basins.
+    over-fitted basins. Measured with the ensemble-started engines (four chains) it
+    did not help on average: yacht test LL with / without it over splits 0-2 was
+    0.303 / 0.131, 0.197 / 0.252 and 0.228 / 0.633 (docs/benchmarks.md).
     """
 
     def uci_bnn(x: Any, y: Any = None) -> None:
