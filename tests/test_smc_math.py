@@ -126,7 +126,9 @@ def test_step_size_rules() -> None:
     assert sm.STEP_ADAPT_GAIN == 2.0
     assert sm.adapt_step_size(0.3, 0.75, 0.65) == pytest.approx(0.3 * math.exp(0.2))
     assert sm.adapt_step_size(0.3, 0.65, 0.65) == 0.3
-    assert sm.adapt_step_size(0.3, float("nan"), 0.65) == pytest.approx(0.3 * math.exp(-1.3))
+    # A stage without moves (the first, at temperature 0) has no acceptance rate
+    # (NaN) and keeps its step.
+    assert sm.adapt_step_size(0.3, float("nan"), 0.65) == 0.3
     # MALA's h is a squared length: twice the gain moves its proposal length as fast.
     assert sm.step_adapt_gain("hmc") == sm.step_adapt_gain("rw") == sm.STEP_ADAPT_GAIN
     assert sm.step_adapt_gain("mala") == 2 * sm.STEP_ADAPT_GAIN
