@@ -10,6 +10,8 @@ predictive functions must agree although their weights do not.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -111,25 +113,72 @@ def test_init_ensemble_string_fits_num_chains_members() -> None:
     assert post.attrs["engine"]["init"] == "ensemble"
 
 
-def test_numpyro_ensemble_of_a_model_with_param_sites_is_refused() -> None:
-    pytest.importorskip("numpyro")
-    import numpyro
-    import numpyro.distributions as dist
+def _model_with_param(backend: str):  # type: ignore[no-untyped-def]
+    if backend == "numpyro":
+        import numpyro
+        import numpyro.distributions as dist
 
-    def with_param(x, y=None):  # type: ignore[no-untyped-def]
-        scale = numpyro.param("scale", 1.0)
-        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
-        numpyro.sample("y", dist.Normal(w * scale * x, 0.1), obs=y)
+        def with_param(x, y=None):  # type: ignore[no-untyped-def]
+            scale = numpyro.param("scale", 1.0)
+            w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+            numpyro.sample("y", dist.Normal(w * scale * x, 0.1), obs=y)
 
-    engine = probdyn.NUTS(
-        num_warmup=10,
-        num_samples=10,
-        num_chains=2,
-        init=probdyn.Ensemble(num_members=2, num_steps=10, progress_bar=False),
-        progress_bar=False,
+        return with_param, X, Y
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    def with_param_pyro(x, y=None):  # type: ignore[no-untyped-def]
+        scale = pyro.param("scale", torch.tensor(1.0))
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(w * scale * x, 0.1), obs=y)
+
+    return with_param_pyro, torch.as_tensor(X), torch.as_tensor(Y)
+
+
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_an_ensemble_start_of_a_model_with_param_sites_is_refused_before_fitting(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each member fits its own param value; a sampler holds one fixed. Refused on both
+    # backends, and before the ensemble is fitted (no ensemble runner is looked up).
+    pytest.importorskip(backend)
+    fit_module = importlib.import_module("probdyn.core.fit")  # the name `fit` is the function
+
+    model, x, y = _model_with_param(backend)
+    looked_up: list[str] = []
+    real = fit_module.get_runner
+
+    def spy(engine, *rest):  # type: ignore[no-untyped-def]
+        looked_up.append(type(engine).__name__)
+        return real(engine, *rest)
+
+    monkeypatch.setattr(fit_module, "get_runner", spy)
+    for init in ("ensemble", probdyn.Ensemble(num_members=2, num_steps=10, progress_bar=False)):
+        engine = probdyn.NUTS(
+            num_warmup=10, num_samples=10, num_chains=2, init=init, progress_bar=False
+        )
+        with pytest.raises(ValueError, match=r"param site\(s\) \['scale'\]"):
+            probdyn.fit(model, x, y, engine=engine, key=0)
+    assert "Ensemble" not in looked_up
+
+
+@pytest.mark.parametrize("backend", ["numpyro", "pyro"])
+def test_init_posterior_from_an_ensemble_with_param_sites_is_refused(backend: str) -> None:
+    # The same rule when the user fits the ensemble first and passes its posterior:
+    # the Pyro runner used to start the chains with the param at its initial value.
+    pytest.importorskip(backend)
+    model, x, y = _model_with_param(backend)
+    members = probdyn.fit(
+        model, x, y, engine=probdyn.Ensemble(num_members=2, num_steps=10, progress_bar=False)
     )
-    with pytest.raises(ValueError, match="param site"):
-        probdyn.fit(with_param, X, Y, engine=engine, key=0)
+    assert members.samples["scale"].shape[:2] == (1, 2)  # one value per member
+    engine = probdyn.NUTS(
+        num_warmup=10, num_samples=10, num_chains=2, init=members, progress_bar=False
+    )
+    with pytest.raises(ValueError, match=r"param site\(s\) \['scale'\]"):
+        probdyn.fit(model, x, y, engine=engine, key=0)
 
 
 def test_pyro_chains_stay_in_their_members_basins() -> None:

@@ -19,6 +19,9 @@ needs from one it asks of the backend's entry here:
   ``trace_once(...)``        one run of a model, sites sorted by role (`probdyn.sbc`)
   ``check_inputs(labelled)`` raise TypeError for another backend's array among a
                              model's labelled arguments (optional: skipped if absent)
+  ``param_names(model, a,    the model's ``param`` sites, so that an ensemble start
+  kw)``                      of a model with them is refused before the ensemble is
+                             fitted (optional: the runner refuses it otherwise)
   ``precision()``            the float settings in force (to copy into workers)
   ``set_precision(env)``     apply them in a worker process
   ========================= ===========================================================

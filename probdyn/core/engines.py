@@ -335,6 +335,11 @@ class VI(AbstractEngine):
                 f"{cls}(checkpoint={self.checkpoint!r}): give a file path (str or "
                 "os.PathLike) or None."
             )
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ValueError(
+                f"{cls}(checkpoint={self.checkpoint!r}): give a file name, e.g. "
+                "checkpoint='fit.ckpt', or None for no checkpoint."
+            )
         _check_positive_int(cls, "checkpoint_every", self.checkpoint_every)
         if callable(self.guide):
             if self.init != "median":

@@ -12,6 +12,7 @@ from probdyn.core.locking import model_call
 from probdyn.core.posterior import Posterior, check_inputs
 from probdyn.data._tasks import TaskStream, stream_rng
 from probdyn.engines.checks import explained
+from probdyn.engines.mcmc import per_draw_param_error
 
 __all__ = ["detect_backend", "fit"]
 
@@ -112,12 +113,33 @@ def _ensemble_started(
     record the config as given and the ensemble's wall time."""
     ensemble = ensemble_init(engine)
     assert ensemble is not None
+    _refuse_param_sites(model, args, kwargs, engine, backend)
     members = get_runner(ensemble, backend, "")(model, args, kwargs, ensemble, key)
     started = dataclasses.replace(engine, init=members)  # type: ignore[type-var]
     post = runner(model, args, kwargs, started, key)
     post.attrs["engine"] = engine.to_dict()
     post.attrs["init_wall_time"] = float(members.attrs.get("wall_time", float("nan")))
     return post
+
+
+def _refuse_param_sites(
+    model: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    engine: AbstractEngine,
+    backend: str,
+) -> None:
+    """Refuse an ensemble start of a model with ``param`` sites before fitting the
+    ensemble (the runner would refuse its per-draw params only afterwards). A
+    backend without the ``param_names`` service leaves the check to its runner."""
+    try:
+        names = get_backend(backend).service("param_names")(model, args, kwargs)
+    except NotImplementedError:
+        return
+    if names:
+        given = getattr(engine, "init", None)
+        label = f"init={given!r}" if isinstance(given, str) else "init=Ensemble(...)"
+        raise ValueError(per_draw_param_error(names, f"{type(engine).__name__}({label})"))
 
 
 def _check_stream(args: tuple[Any, ...], engine: AbstractEngine) -> None:

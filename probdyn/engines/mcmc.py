@@ -22,6 +22,7 @@ __all__ = [
     "failed_solve_names",
     "init_failure_error",
     "init_strategy",
+    "per_draw_param_error",
     "posterior_starts",
     "tree_depth",
 ]
@@ -62,14 +63,24 @@ def init_strategy(
 
 
 def posterior_starts(
-    init: Posterior, latent: Sequence[str], num_chains: int
+    init: Posterior, latent: Sequence[str], num_chains: int, param_sites: Sequence[str] = ()
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """One start per chain from the posterior's draws, spread evenly over them, and
     the posterior's params (which the chains keep fixed).
 
+    Args:
+        init: the earlier fit of the same model.
+        latent: the model's latent sites.
+        num_chains: how many starts.
+        param_sites: the model's ``param`` sites.
+
     Raises:
-        ValueError: if the posterior has no draws of a latent site of the model.
+        ValueError: if the posterior has no draws of a latent site of the model, or
+            holds a value per draw of one of its ``param`` sites (`per_draw_param_error`).
     """
+    per_draw = [s for s in param_sites if s in init.samples]
+    if per_draw:
+        raise ValueError(per_draw_param_error(per_draw))
     missing = [s for s in latent if s not in init.samples]
     if missing:
         raise ValueError(
@@ -79,6 +90,23 @@ def posterior_starts(
     flat = init.draws(flatten=True)
     idx = np.linspace(0, len(flat[latent[0]]) - 1, num_chains).round().astype(int)
     return [{s: flat[s][i] for s in latent} for i in idx], dict(init.params)
+
+
+def per_draw_param_error(sites: Sequence[str], given: str = "init=Posterior") -> str:
+    """Why a sampler cannot start from an `Ensemble` fit of a model with ``param``
+    sites: each member fitted its own value of them, and a sampler holds one fixed.
+
+    Example:
+        >>> per_draw_param_error(["scale"], "init='ensemble'").split(":")[0]
+        "init='ensemble'"
+    """
+    return (
+        f"{given}: the model has param site(s) {list(sites)}, and an Ensemble fit gives "
+        "each member its own value of them (one per draw) while a sampler holds one set "
+        "fixed, so the chains would not sample the model the members were fitted to. "
+        "Start from a fit that keeps them fixed (VI, or init='map'), or make those sites "
+        "latent (sample statements with a prior)."
+    )
 
 
 def tree_depth(n_steps: np.ndarray) -> np.ndarray:

@@ -222,7 +222,7 @@ class VICheckpoint:
         except Exception as err:
             raise ValueError(
                 f"VI(checkpoint={self.path!r}): the file is not a readable VI checkpoint "
-                f"({err!r}); delete it or choose another path."
+                f"({_unreadable_reason(err)}); delete it or choose another path."
             ) from err
         self._check(header["fingerprint"])
         step = int(header["step"])
@@ -292,6 +292,15 @@ class VICheckpoint:
                 np.savez(f, **content)
 
         atomic_write(self.path, write, where=_WHERE)
+
+
+def _unreadable_reason(err: Exception) -> str:
+    """Why a checkpoint file could not be read, in words: NumPy's own message for a
+    file that is not an ``.npz`` archive suggests ``allow_pickle=True``, which would
+    be the wrong fix here."""
+    if "pickle" in str(err) or type(err).__name__ == "BadZipFile":
+        return "it is not a NumPy .npz archive"
+    return repr(err)
 
 
 def learning_rate_at(engine: Any, step: int) -> float:

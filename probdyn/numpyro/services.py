@@ -23,6 +23,7 @@ from probdyn.numpyro.predict import forward_draws, predict
 __all__ = [
     "check_inputs",
     "forward_draws",
+    "param_names",
     "precision",
     "predict",
     "probe",
@@ -36,6 +37,25 @@ def probe(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     with model_lock:
         tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
     return any(site.get("type") == "sample" for site in tr.values())
+
+
+def param_names(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[str]:
+    """The model's ``param`` sites, from an abstract run (nothing is computed)."""
+    found: list[str] = []
+
+    def run() -> None:
+        tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+        found.extend(name for name, site in tr.items() if site["type"] == "param")
+
+    with model_lock:
+        try:
+            jax.eval_shape(run)
+        except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
+            found.clear()
+            run()
+    return found
 
 
 def check_inputs(labelled: Sequence[tuple[str, Any]]) -> None:

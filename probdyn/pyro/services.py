@@ -30,6 +30,7 @@ from probdyn.pyro.predict import _pointwise_log_prob, forward_draws, predict
 __all__ = [
     "check_inputs",
     "forward_draws",
+    "param_names",
     "precision",
     "predict",
     "probe",
@@ -57,6 +58,16 @@ def check_inputs(labelled: Sequence[tuple[str, Any]]) -> None:
         "Pyro",
         "np.asarray({x}) (probdyn gives NumPy arrays to a Pyro model as tensors)",
     )
+
+
+def param_names(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[str]:
+    """The model's ``param`` sites, from one run in a private parameter store."""
+    targs, tkwargs = to_torch_args(args, kwargs)
+    with model_lock, isolated(0):
+        tr = trace_model(model, targs, tkwargs)
+    return [name for name, site in tr.items() if site["type"] == "param"]
 
 
 def trace_once(

@@ -73,15 +73,7 @@ def _from_posterior(
     init: Posterior, latent: Sequence[str], param_sites: Sequence[str], num_chains: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One start per chain from the posterior's draws, spread over them."""
-    per_draw = [s for s in param_sites if s in init.samples]
-    if per_draw:
-        raise ValueError(
-            f"init=Posterior: the initial posterior holds a value per draw of the param "
-            f"site(s) {per_draw} (an Ensemble fit: each member fits its own), and a sampler "
-            "holds one set fixed. Start from a fit that keeps them fixed (VI or "
-            "init='map'), or make those sites latent (sample statements)."
-        )
-    values, params = posterior_starts(init, list(latent), num_chains)
+    values, params = posterior_starts(init, list(latent), num_chains, param_sites)
     starts = [{s: jnp.asarray(v) for s, v in row.items()} for row in values]
     return starts, {k: jnp.asarray(v) for k, v in params.items()}
 

@@ -175,8 +175,8 @@ def _starts_from_posterior(
     init: Posterior, trace: dict[str, Any], latent: list[str], num_chains: int
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """One start per chain from the posterior's draws, spread over them, in the
-    kernel's unconstrained space."""
-    values, params = posterior_starts(init, latent, num_chains)
+    kernel's unconstrained space (refused for an Ensemble fit's per-draw params)."""
+    values, params = posterior_starts(init, latent, num_chains, list(param_sites(trace)))
     starts = [_unconstrain(trace, row) for row in values]
     return starts, {k: torch.as_tensor(v) for k, v in params.items()}
 
