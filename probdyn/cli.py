@@ -166,7 +166,8 @@ def _add_compare_parser(sub: Any) -> None:
         "neural ODE and data. With --model FILE.py:FUNCTION --data FILE.npz: your model, "
         "with the npz holding train_<argument> and test_<argument> arrays by model "
         "argument name (the observations under the --observed name, default y; "
-        "arrays without a prefix go to both). Exit status 1 if an engine failed (its row "
+        "arrays without a prefix go to both). Each run writes to a new folder under --out, "
+        "so that no run overwrites another. Exit status 1 if an engine failed (its row "
         "holds the error), 2 for bad arguments.",
     )
     cmp.add_argument(
@@ -191,7 +192,11 @@ def _add_compare_parser(sub: Any) -> None:
         "--observed", default="y", help="the model argument that takes the observations"
     )
     cmp.add_argument(
-        "--out", default="probdyn-compare", help="output folder (default: probdyn-compare)"
+        "--out",
+        default="probdyn-compare",
+        help="parent folder; each run writes to a new sub-folder DATA-BACKEND-ENGINES, DATA "
+        "being the model's function name with --model (-quick, then -2, -3, ... if taken) "
+        "(default: probdyn-compare)",
     )
     cmp.add_argument("--quick", action="store_true", help="smoke-test sizes (not converged)")
     cmp.add_argument(
@@ -243,14 +248,18 @@ def _run_compare(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.model is None:
-            result, plot_kwargs = _compare_demo(args, engines)
+            result, plot_kwargs, folder = _compare_demo(args, engines)
         else:
-            result, plot_kwargs = _compare_user_model(args, engines)
+            result, plot_kwargs, folder = _compare_user_model(args, engines)
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
         print(f"probdyn compare: {err}", file=sys.stderr)
         return 2
 
-    written, failed = _write_compare_outputs(result, args.out, plot_kwargs)
+    if args.quick:
+        from probdyn.demo._plot import SMOKE_NOTE
+
+        plot_kwargs = {**plot_kwargs, "note": SMOKE_NOTE}
+    written, failed = _write_compare_outputs(result, folder, plot_kwargs)
     if written:
         print("wrote " + ", ".join(written))
     for name, trace in result.errors.items():
@@ -292,19 +301,33 @@ _COMPARE_OUTPUTS = ("comparison.csv", "comparison.md", "bands.png")
 
 
 def _bands(result: Any, path: str, plot_kwargs: dict[str, Any]) -> Any:
-    """``Comparison.plot`` with the demo data's time axis labelled (``year`` for the
-    hare-lynx table, whose time 0 is 1900), written to ``path``."""
+    """``Comparison.plot`` with the demo data's axes labelled (for the hare-lynx table,
+    whose time 0 is 1900, years and pelts in thousands) and, for ``--quick`` runs, the
+    smoke-test note, written to ``path``."""
     kwargs = dict(plot_kwargs)
-    year0, x_label = kwargs.pop("year0", None), kwargs.pop("x_label", None)
+    year0, y_unit = kwargs.pop("year0", None), kwargs.pop("y_unit", None)
+    note = kwargs.pop("note", "")
     fig = result.plot(**kwargs)
-    if x_label is not None:
-        from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter
 
-        for ax in fig.axes:
-            if ax.get_xlabel():
-                ax.set_xlabel(x_label)
-            if year0 is not None:
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v + year0:.0f}"))
+    for ax in fig.axes:
+        if year0 is not None:  # whole years only: a tick at 2.5 must not read "1902"
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v + year0:.0f}"))
+        if y_unit is not None:  # the data were divided by y_unit for fitting
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * y_unit:g}"))
+    top = 1.0
+    if note:  # a line above the title, as on the demo's figure
+        top -= 0.2 / fig.get_figheight()  # 0.2 inches
+        fig.suptitle(fig.get_suptitle(), fontsize=10, y=top - 0.02)
+        fig.text(0.5, 0.99, note, ha="center", va="top", fontsize=8, color="C3")
+    # Lay out again: the new tick labels are wider; the legend stays below the panels.
+    fig.canvas.draw()
+    legend_top = max((g.get_window_extent().y1 for g in fig.legends), default=0.0)
+    fig.tight_layout(rect=(0, legend_top / fig.bbox.height, 1, top))
+
     from probdyn.core.io import write_output
 
     try:
@@ -317,17 +340,30 @@ def _bands(result: Any, path: str, plot_kwargs: dict[str, Any]) -> Any:
     return fig
 
 
-def _compare_demo(args: argparse.Namespace, engines: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _compare_folder(args: argparse.Namespace, data: str, engines: dict[str, Any]) -> str:
+    """A new folder for this run under ``--out`` (the demo's rule: never one that exists),
+    named ``<data>-<backend>-<engines>[-quick]``; made once the arguments are checked."""
+    from probdyn.demo._run import run_folder, run_name
+
+    names = "-".join(name.lower() for name in engines)
+    return run_folder(args.out, run_name(data, args.backend, names, args.quick))
+
+
+def _compare_demo(
+    args: argparse.Namespace, engines: dict[str, Any]
+) -> tuple[Any, dict[str, Any], str]:
     from probdyn.demo._run import _load_data, _model
     from probdyn.diagnostics.compare import compare
 
     dataset = _load_data(args.data or "synthetic", args.seed)
+    model = _model(args.backend)
+    folder = _compare_folder(args, args.data or "synthetic", engines)
     print(
         f"probdyn compare: {dataset.name}, {len(dataset.t_train)} training observations, "
         f"{len(dataset.t_test)} held out; engines={','.join(engines)}, backend={args.backend}"
     )
     result = compare(
-        _model(args.backend),
+        model,
         dataset.t_train,
         dataset.y_train,
         engines=engines,
@@ -336,15 +372,30 @@ def _compare_demo(args: argparse.Namespace, engines: dict[str, Any]) -> tuple[An
         backend=args.backend,
         verbose=True,
     )
-    grid = {"inputs": (dataset.t_grid,), "x": dataset.t_grid, "key": args.seed + 2}
-    real = args.data == "hare-lynx"  # time is years since 1900
-    labels = {"x_label": "year" if real else "time", "year0": 1900.0 if real else None}
-    return result, {**grid, **labels, "output_names": ("prey", "predator")}
+    grid = {
+        "inputs": (dataset.t_grid,),
+        "x": dataset.t_grid,
+        "x_split": (float(dataset.t_train[-1]) + float(dataset.t_test[0])) / 2,
+        "key": args.seed + 2,
+    }
+    if args.data == "hare-lynx":  # time is years since 1900, counts were divided by scale
+        labels = {
+            "x_label": "year",
+            "year0": 1900.0,
+            "y_unit": dataset.scale,
+            "output_names": ("hare pelts (thousands)", "lynx pelts (thousands)"),
+        }
+    else:
+        labels = {
+            "x_label": "time (arbitrary units)",
+            "output_names": ("prey (arbitrary units)", "predator (arbitrary units)"),
+        }
+    return result, {**grid, **labels}, folder
 
 
 def _compare_user_model(
     args: argparse.Namespace, engines: dict[str, Any]
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Any, dict[str, Any], str]:
     import inspect
 
     from probdyn.diagnostics.compare import compare
@@ -364,6 +415,7 @@ def _compare_user_model(
             f"{args.model!r}: {err}"
         ) from err
     observations = test.pop(args.observed)
+    folder = _compare_folder(args, args.model.rpartition(":")[2], engines)
     print(
         f"probdyn compare: {args.model} on {args.data}; engines={','.join(engines)}, "
         f"backend={args.backend}"
@@ -379,7 +431,7 @@ def _compare_user_model(
         verbose=True,
         **bound.kwargs,
     )
-    return result, {}
+    return result, {}, folder
 
 
 def _load_model(spec: str) -> Any:

@@ -290,7 +290,7 @@ def test_cli_compare_writes_a_table_with_infinite_scores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_cache: None, capsys: Any
 ) -> None:
     assert _compare_cli(tmp_path, monkeypatch, _comparison()) == 0
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "model-numpyro-vi"
     _only(out, "comparison.csv", "comparison.md", "bands.png")
     assert "| VI | VI | 60 | n/a | inf | inf | -inf |" in (out / "comparison.md").read_text()
     assert pd.read_csv(out / "comparison.csv", index_col=0).loc["VI", "nlpd"] == np.inf
@@ -305,7 +305,7 @@ def test_cli_compare_writes_the_other_outputs_when_one_fails(
 
     monkeypatch.setattr(Comparison, "to_markdown", broken)
     assert _compare_cli(tmp_path, monkeypatch, _comparison(nlpd=1.5)) == 1
-    _only(tmp_path / "out", "comparison.csv", "bands.png")
+    _only(tmp_path / "out" / "model-numpyro-vi", "comparison.csv", "bands.png")
     assert "could not write" in capsys.readouterr().err
 
 

@@ -1,5 +1,6 @@
 """The main job: ``probdyn demo`` in smoke size writes its plot, tables and posterior;
-``probdyn compare`` writes its table and figure."""
+``probdyn compare`` writes its table and figure. Each run writes to a new folder under
+``--out`` and never overwrites an earlier run's files."""
 
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def no_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _read_outputs(out: Path) -> tuple[pd.DataFrame, str]:
+    assert sorted(os.listdir(out)) == ["bands.png", "comparison.csv", "comparison.md"]
     for name in ("comparison.md", "comparison.csv", "bands.png"):
         assert (out / name).stat().st_size > 0, name
     table = pd.read_csv(out / "comparison.csv", index_col=0, keep_default_na=False)
@@ -113,7 +115,9 @@ def test_compare_quick_demo_writes_table_and_bands(
     code = main(["compare", "--quick", "--engines", "nuts,vi", "--out", str(tmp_path)])
     stdout = capsys.readouterr().out
     assert code == 0
-    table, markdown = _read_outputs(tmp_path)
+    (run,) = tmp_path.iterdir()  # a run folder named after the run
+    assert run.name == "synthetic-numpyro-nuts-vi-quick"
+    table, markdown = _read_outputs(run)
     assert list(table.index) == ["NUTS", "VI"]
     assert (table["error"] == "").all()
     assert np.isfinite(table[["nlpd", "crps", "rmse", "coverage_90"]].to_numpy(float)).all()
@@ -158,13 +162,31 @@ def test_compare_a_saved_model_and_npz_data(tmp_path: Path, no_cache: None) -> N
     out = tmp_path / "out"
     argv = ["compare", "--model", model, "--data", data, "--engines", "vi,ensemble"]
     assert main([*argv, "--quick", "--out", str(out)]) == 0
-    table, markdown = _read_outputs(out)
+    table, markdown = _read_outputs(out / "linear-numpyro-vi-ensemble-quick")
     assert list(table.index) == ["VI", "Ensemble"]
     assert (table["error"] == "").all()
     assert list(table["draws"]) == [60, 4]
     # Ten held-out points with noise sd 0.3 around a line the fit recovers.
     assert (table["rmse"].astype(float) < 1.0).all()
     assert "| Ensemble | Ensemble | numpyro | 4 |" in markdown
+
+
+def test_compare_never_overwrites_an_earlier_run(
+    tmp_path: Path, no_cache: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = _user_model(tmp_path)
+    out = tmp_path / "out"
+    argv = ["compare", "--model", model, "--data", data, "--engines", "vi", "--quick"]
+    assert main([*argv, "--out", str(out)]) == 0
+    first = out / "linear-numpyro-vi-quick"
+    _read_outputs(first)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    assert main([*argv, "--seed", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [first.name, first.name + "-2"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before  # untouched
+    table, _ = _read_outputs(out / (first.name + "-2"))
+    assert list(table.index) == ["VI"]
+    assert str(out / (first.name + "-2")) in capsys.readouterr().out  # says where it wrote
 
 
 def test_compare_exits_1_when_an_engine_fails(
@@ -175,7 +197,7 @@ def test_compare_exits_1_when_an_engine_fails(
     out = tmp_path / "out"
     argv = ["compare", "--model", model, "--data", data, "--engines", "smc", "--out", str(out)]
     assert main(argv) == 1
-    table, _ = _read_outputs(out)  # written all the same
+    table, _ = _read_outputs(out / "with_shift-numpyro-smc")  # written all the same
     assert table.loc["SMC", "error"].startswith("fit failed: ValueError:")
     assert "param sites ['shift']" in table.loc["SMC", "error"]
     assert "SMC failed:" in capsys.readouterr().err  # with the traceback
@@ -200,6 +222,7 @@ def test_compare_rejects_bad_arguments(
 ) -> None:
     assert main(["compare", "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing fitted, no run folder
 
 
 def test_compare_needs_test_observations_in_the_npz(

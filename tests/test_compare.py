@@ -203,6 +203,9 @@ def test_markdown_csv_and_plot_are_written(
     assert fig.axes[0].get_xlabel() == "held-out point (sorted by observed value)"
     assert fig.axes[0].get_ylabel() == "y"
     plt.close(fig)
+    fig = result.plot(x_label="test point", output_names=["target"])
+    assert fig.axes[0].get_xlabel() == "test point" and fig.axes[0].get_ylabel() == "target"
+    plt.close(fig)
 
 
 def test_markdown_formatter_without_tabulate() -> None:
@@ -370,4 +373,19 @@ def test_demo_model_nuts_and_vi(tmp_path: Path) -> None:
     assert len(fig.axes) == 4 and fig.axes[0].get_ylabel() == "prey"
     assert fig.axes[-1].get_xlabel() == "times"
     assert (tmp_path / "bands.png").stat().st_size > 0
+    plt.close(fig)
+
+
+def test_bands_wider_than_the_data_run_off_the_panel_not_squash_it() -> None:
+    from probdyn.diagnostics.compare_plot import _clip_to_data
+
+    fig, (wild, tame) = plt.subplots(1, 2)
+    data = np.array([1.0, 2.0, 3.0])  # range 2: the y axis may reach 0 and 4
+    wild.fill_between([0, 1], [-100, -100], [100, 100])
+    _clip_to_data(wild, [data])
+    assert wild.get_ylim() == pytest.approx((0.0, 4.0))
+    tame.fill_between([0, 1], [0.5, 0.5], [3.5, 3.5])
+    before = tame.get_ylim()
+    _clip_to_data(tame, [data, np.array([np.nan])])  # within reach: left as it was
+    assert tame.get_ylim() == before
     plt.close(fig)

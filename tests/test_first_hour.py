@@ -144,6 +144,24 @@ def test_unconverged_rows_are_flagged_with_a_plain_warning() -> None:
     assert table.loc["w (16 elements, worst)", "flag"] == ""
 
 
+@pytest.mark.parametrize(
+    "draws, limit_words",
+    [
+        (100, "ess < 100 means fewer than 100 effective draws, too few for reliable"),
+        (4000, "ess < 400 means fewer than 400 effective draws, a tenth of the 4000 drawn"),
+    ],
+)
+def test_the_flag_footnote_reads_as_a_sentence_for_any_draw_count(
+    draws: int, limit_words: str
+) -> None:
+    with pytest.warns(UserWarning, match="unconverged"):
+        text = repr(_posterior("NUTS", draws=draws, stuck=True).summary())
+    (note,) = [line for line in text.splitlines() if line.startswith("flag:")]
+    assert note.startswith("flag: r_hat > 1.05 means the chains, or the parts of one chain,")
+    assert limit_words in note
+    assert "(100, or 10 %" not in note and "of the 100 draws" not in note
+
+
 def test_the_demo_collects_summary_warnings_as_sentences() -> None:
     table, messages = summary_with_checks(_posterior("NUTS", stuck=True).summary)
     assert len(messages) == 1 and "unconverged" in messages[0]

@@ -130,25 +130,33 @@ print(posteriors["NUTS"].summary().round(3))
 # ## Predictions on new times and calibration
 #
 # `predict` runs the model for every draw on new inputs. On the held-out window
-# we compare the predictive intervals with the observations.
+# we compare the predictive intervals with the observations. The figure is written
+# to `neural_ode_bands.png`.
 
 # %%
-fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+split = (data.t_train[-1] + data.t_test[0]) / 2  # between the last training and first test time
+fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True, sharey="row")
 for col, (name, post) in enumerate(posteriors.items()):
     grid = post.predict(data.t_grid, key=1, sites=["z"])["z"]
     test = post.predict(data.t_test, key=2, sites=["y"])["y"]
     print(name)
     print(calibration_table(test, data.y_test).round(3))
-    for j in range(2):
+    for j, species in enumerate(["prey", "predator"]):
         lo, hi = interval(grid[..., j], 0.9)
         ax = axes[j, col]
-        ax.fill_between(data.t_grid, lo, hi, alpha=0.3, label="90% credible")
-        ax.plot(data.t_grid, data.z_grid[:, j], "k--", lw=1, label="truth")
-        ax.plot(data.t_train, data.y_train[:, j], "ko", ms=3, label="train")
+        ax.fill_between(data.t_grid, lo, hi, alpha=0.3, label="90% credible interval (state)")
+        ax.plot(data.t_grid, data.z_grid[:, j], "k--", lw=1, label="true state")
+        ax.plot(data.t_train, data.y_train[:, j], "ko", ms=3, label="observed (training)")
         ax.plot(data.t_test, data.y_test[:, j], "rx", label="held out")
-    axes[0, col].set_title(name)
-axes[0, 0].legend(fontsize=7)
-fig.tight_layout()
+        ax.axvline(split, color="grey", lw=0.8, ls=":", label="end of training data")
+        if col == 0:
+            ax.set_ylabel(f"{species} (arbitrary units)")
+    axes[0, col].set_title(f"{name}: posterior of the state")
+    axes[1, col].set_xlabel("time (arbitrary units)")
+handles, labels = axes[0, 0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+fig.tight_layout(rect=(0, 0.06, 1, 1))
+fig.savefig("neural_ode_bands.png", dpi=100)
 
 # %% [markdown]
 # ## Diagnostics with ArviZ

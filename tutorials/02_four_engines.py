@@ -31,6 +31,10 @@ import os
 import time
 
 import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -118,6 +122,35 @@ for name, post in posteriors.items():
 print("engine     alpha           beta            gamma           delta")
 print("\n".join(rows))
 print(f"SMC log evidence: {posteriors['SMC'].log_evidence:.2f}")
+
+# %% [markdown]
+# The same as a figure, `four_engines_posteriors.png`: for each rate and engine, the
+# draws (dots), their median and the central 90 % credible interval (bar), with the
+# true value. An ensemble has as many draws as members.
+
+# %%
+TRUTH = {"alpha": 1.0, "beta": 0.8, "gamma": 1.0, "delta": 0.5}
+names = list(posteriors)
+fig, axes = plt.subplots(1, 4, figsize=(12, 2.8), sharey=True)
+for k, (ax, (rate, truth)) in enumerate(zip(axes, TRUTH.items())):
+    for i, name in enumerate(names):
+        draws = posteriors[name].draws(flatten=True)["theta"][:, k]
+        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, draws.size)
+        ax.plot(draws, i + jitter, ".", ms=3, color=f"C{i}", alpha=0.4)
+        lo, mid, hi = np.quantile(draws, [0.05, 0.5, 0.95])
+        ax.plot([lo, hi], [i, i], color=f"C{i}", lw=3, solid_capstyle="butt")
+        ax.plot(mid, i, "o", color="white", mec=f"C{i}", ms=6)
+    ax.axvline(truth, color="k", ls="--", lw=1)
+    ax.set_title(f"$\\{rate}$")
+    ax.set_xlabel("rate (per unit time)")
+axes[0].set_yticks(range(len(names)), names)
+axes[0].set_ylim(len(names) - 0.5, -0.5)  # the first engine on top
+fig.suptitle(
+    "Lotka–Volterra rates: draws, median and 90 % credible interval by engine "
+    "(dashed: the true value)"
+)
+fig.tight_layout()
+fig.savefig("four_engines_posteriors.png", dpi=100)
 
 # %% [markdown]
 # What to expect: NUTS is the reference. The low-rank Gaussian VI guide gets the

@@ -25,9 +25,10 @@
 #
 # and a figure of the predictive bands side by side. An engine that fails becomes
 # a row with its error message, so a long comparison never dies halfway. The same
-# comparison runs from the shell: `probdyn compare --engines nuts,vi,ensemble --out DIR`
-# (the demo model below), or `probdyn compare --model my_model.py:model --data
-# data.npz` for your own model and data.
+# comparison runs from the shell: `probdyn compare --engines nuts,vi,ensemble` (the
+# demo model below), or `probdyn compare --model my_model.py:model --data data.npz`
+# for your own model and data; each run writes its table and figure to a new folder
+# under `--out` (default `probdyn-compare/`).
 #
 # We compare on two problems: the Bayesian neural ODE of the first tutorial, and a
 # Bayesian neural network on a UCI regression data set.
@@ -101,10 +102,17 @@ print(ode.to_markdown())
 # is averaged per observation, on the data's scale.
 #
 # The bands: `plot` predicts on a dense time grid for smooth bands, with the
-# training data (black) and the held-out data (red crosses).
+# training data (black) and the held-out data (red crosses). Each row's y axis spans
+# the data and the bands, but at most half the data's range beyond the data: a band
+# much wider than that (an engine that has not converged) runs off its panel.
 
 # %%
-fig = ode.plot((data.t_grid,), x=data.t_grid, output_names=["prey", "predator"])
+fig = ode.plot(
+    (data.t_grid,),
+    x=data.t_grid,
+    x_label="time (arbitrary units)",
+    output_names=["prey (arbitrary units)", "predator (arbitrary units)"],
+)
 fig.savefig("compare_ode.png", dpi=100)
 
 # %% [markdown]
@@ -207,7 +215,7 @@ if UCI is not None:
     )
     print(original.round(3))
     # Several inputs: the test points are drawn in the order of their observed value.
-    uci.plot().savefig("compare_yacht.png", dpi=100)
+    uci.plot(output_names=["resistance (standardised)"]).savefig("compare_yacht.png", dpi=100)
 
 # %% [markdown]
 # The wall times include compilation (the `compile_time` column), which dominates

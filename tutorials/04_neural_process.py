@@ -157,13 +157,16 @@ bands = {
     "BNN (NUTS)": tuple(np.quantile(bnn_grid.reshape(-1, grid.size), [0.05, 0.5, 0.95], axis=0)),
 }
 for ax, (title, (lo, mid, hi)) in zip(axes, bands.items()):
-    ax.fill_between(grid, lo, hi, alpha=0.3, label="90 % band")
-    ax.plot(grid, mid, lw=1.5)
-    ax.scatter(x_c, y_c, c="k", s=15, zorder=3, label="context")
+    ax.fill_between(grid, lo, hi, alpha=0.3, label="90 % predictive interval")
+    ax.plot(grid, mid, lw=1.5, label="median")
+    ax.scatter(x_c, y_c, c="k", s=15, zorder=3, label="context points")
     ax.scatter(x_test, y_test, c="r", marker="x", s=15, zorder=3, label="held out")
-    ax.set_title(title)
-axes[0].legend(fontsize=8)
-fig.tight_layout()
+    ax.set(title=title, xlabel="x")
+axes[0].set_ylabel("y")
+handles, labels = axes[0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+fig.suptitle(f"One new GP task, {x_c.size} context points: three predictive distributions")
+fig.tight_layout(rect=(0, 0.07, 1, 1))
 fig.savefig("neural_process_bands.png", dpi=100)
 
 # %% [markdown]

@@ -127,10 +127,13 @@ for b, ax in enumerate(axes):
     ax.plot(lattice, paths[b, :, 0], c="0.7", lw=1, label="true position (unseen)")
     ax.scatter(train.times[b], train.values[b, :, 0], s=12, c="C0", label="observed position")
     ax.scatter(test.times[b], test.values[b, :, 0], s=12, c="r", marker="x", label="held out")
-    ax.axvline(T_SPLIT, c="k", lw=0.8, ls=":")
-    ax.set(title=f"series {b}", xlabel="t")
-axes[0].legend(fontsize=7)
-fig.tight_layout()
+    ax.axvline(T_SPLIT, c="k", lw=0.8, ls=":", label=f"end of training data (t = {T_SPLIT:g})")
+    ax.set(title=f"series {b}", xlabel="time t")
+axes[0].set_ylabel("position")
+handles, labels = axes[0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+fig.suptitle("Three of the training series: sparse, irregular, ragged, with entries missing")
+fig.tight_layout(rect=(0, 0.08, 1, 1))
 fig.savefig("latent_sde_data.png", dpi=100)
 
 # %% [markdown]
@@ -273,17 +276,24 @@ fig, axes = plt.subplots(2, 3, figsize=(13, 5.5), sharex=True)
 for b in range(3):
     for d, label in enumerate(["position", "velocity"]):
         ax = axes[d, b]
-        ax.fill_between(dense, lo[b, :, d], hi[b, :, d], alpha=0.3, label="90 % band")
+        ax.fill_between(
+            dense, lo[b, :, d], hi[b, :, d], alpha=0.3, label="90 % predictive interval"
+        )
         ax.plot(dense, mid[b, :, d], lw=1.2, label="median")
         ax.plot(lattice, paths[b, :, d], c="0.5", lw=0.8, label="true path")
-        ax.scatter(train.times[b], train.values[b, :, d], s=10, c="k", zorder=3, label="fit")
-        ax.scatter(test.times[b], test.values[b, :, d], s=14, c="r", marker="x", zorder=3)
-        ax.axvline(T_SPLIT, c="k", lw=0.8, ls=":")
-        ax.set_ylabel(label)
+        ax.scatter(train.times[b], train.values[b, :, d], s=10, c="k", zorder=3,
+                   label="observed (conditioned on)")  # fmt: skip
+        ax.scatter(test.times[b], test.values[b, :, d], s=14, c="r", marker="x", zorder=3,
+                   label="held out")  # fmt: skip
+        ax.axvline(T_SPLIT, c="k", lw=0.8, ls=":", label=f"forecast starts (t = {T_SPLIT:g})")
+        if b == 0:
+            ax.set_ylabel(label)
     axes[0, b].set_title(f"series {b}")
-    axes[1, b].set_xlabel("t")
-axes[0, 0].legend(fontsize=7, loc="lower left")
-fig.tight_layout()
+    axes[1, b].set_xlabel("time t")
+handles, labels = axes[0, 0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
+fig.suptitle("Latent SDE: reconstruction up to t = 7, forecast after it")
+fig.tight_layout(rect=(0, 0.06, 1, 1))
 fig.savefig("latent_sde_forecast.png", dpi=100)
 
 # %% [markdown]

@@ -161,12 +161,28 @@ def _notes(
             "num_chains >= 2 for the check across chains."
         )
     if "flag" in table and (table["flag"] != "").any():
-        notes.append(
-            f"flag: r_hat > {RHAT_LIMIT} (chains disagree: not converged) or ess below "
-            f"{ess_limit(num_draws):g} (100, or 10 % of the {num_draws} draws: too few "
-            "effective draws); run longer or more chains before trusting these rows."
-        )
+        notes.append(_flag_note(num_draws))
     return notes
+
+
+def _flag_note(num_draws: int) -> str:
+    """The footnote under a table with flagged rows, in words that fit ``num_draws``."""
+    limit = ess_limit(num_draws)
+    if limit > _ESS_FLOOR:
+        why = (
+            f"ess < {limit:g} means fewer than {limit:g} effective draws, a tenth of the "
+            f"{num_draws} drawn: the draws are strongly autocorrelated"
+        )
+    else:
+        why = (
+            f"ess < {limit:g} means fewer than {limit:g} effective draws, too few for "
+            "reliable estimates"
+        )
+    return (
+        f"flag: r_hat > {RHAT_LIMIT} means the chains, or the parts of one chain, disagree "
+        f"(not converged); {why}. "
+        "Run longer or more chains before trusting these rows."
+    )
 
 
 def _problems(table: pd.DataFrame) -> str:

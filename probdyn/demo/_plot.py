@@ -60,7 +60,7 @@ def plot_predictive(
         ax.axvline(x_of(split), color="grey", lw=0.8, ls=":", label="end of training data")
         ax.set_ylabel(_species_label(label, year0 is not None))
     axes[0].set_title(title)
-    axes[1].set_xlabel("year" if year0 is not None else "time")
+    axes[1].set_xlabel("year" if year0 is not None else "time (arbitrary units)")
     if year0 is not None:
         from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
@@ -80,5 +80,5 @@ def plot_predictive(
 
 def _species_label(label: str, real: bool) -> str:
     if not real:
-        return label
+        return f"{label} (arbitrary units)"
     return {"prey": "hare pelts (thousands)", "predator": "lynx pelts (thousands)"}[label]

@@ -121,6 +121,8 @@ class Comparison:
         levels: Sequence[float] = (0.5, 0.9),
         key: Any = 1,
         output_names: Sequence[str] | None = None,
+        x_label: str | None = None,
+        x_split: float | None = None,
         show_train: bool = True,
         path: str | os.PathLike[str] | None = None,
     ) -> Figure:
@@ -130,7 +132,10 @@ class Comparison:
         elements after the first axis, e.g. the two species of a trajectory). The
         bands are central intervals at ``levels`` around the median; the held-out
         observations are red crosses and, where they share the x axis, the
-        training observations black dots.
+        training observations black dots. Panels in a row share their y axis, which
+        spans the observations and the bands, but no more than half the observations'
+        range beyond them: a band far wider than the data (an unconverged engine) runs
+        off its panel instead of squashing the others.
 
         Args:
             inputs: new inputs to predict at, in the form of ``test`` in `compare`
@@ -144,7 +149,10 @@ class Comparison:
                 than the observed one (e.g. a latent trajectory), pass ``inputs``.
             levels: central interval levels of the bands.
             key: int seed or backend key for new predictions.
-            output_names: a label per output dimension.
+            output_names: a label per output dimension (the y axes).
+            x_label: the x axis label (default: the name of the argument drawn on it).
+            x_split: where the training data end on the x axis (e.g. the start of a
+                forecast window): a dotted line, labelled in the legend.
             show_train: draw the training observations where they fit on the axis.
             path: also save the figure there.
 
@@ -158,7 +166,8 @@ class Comparison:
 
         return _plot_bands(
             self, inputs, x=x, site=site, levels=levels, key=key,
-            output_names=output_names, show_train=show_train, path=path,
+            output_names=output_names, x_label=x_label, x_split=x_split,
+            show_train=show_train, path=path,
         )  # fmt: skip
 
 

@@ -29,6 +29,8 @@ def _plot_bands(
     key: Any,
     output_names: Sequence[str] | None,
     show_train: bool,
+    x_label: str | None = None,
+    x_split: float | None = None,
     path: str | os.PathLike[str] | None,
 ) -> Figure:
     import matplotlib.pyplot as plt
@@ -43,7 +45,8 @@ def _plot_bands(
         arguments, preds = result.test_arguments, dict(result.predictions)
     else:
         arguments, preds = _predict_at(result, inputs, site, key)
-    x_name, x_values, x_label = _x_axis(result, arguments, preds, x)
+    x_name, x_values, default_x_label = _x_axis(result, arguments, preds, x)
+    x_label = x_label or default_x_label
     names = list(result.posteriors)
     # Bands of the observed site are of new observations (predictive); of any other
     # site (a latent trajectory), of that quantity (credible).
@@ -52,7 +55,7 @@ def _plot_bands(
     labels = list(output_names) if output_names is not None else []
     fig, axes = plt.subplots(
         n_out, len(names), squeeze=False, sharex=True, sharey="row",
-        figsize=(3.2 * len(names) + 1.0, 2.4 * n_out + 0.8),
+        figsize=(max(3.2 * len(names) + 1.0, 7.0), 2.4 * n_out + 0.8),
     )  # fmt: skip
     points = _observed_points(result, x_name, x_values if inputs is None else None, show_train)
     for j, name in enumerate(names):
@@ -67,6 +70,8 @@ def _plot_bands(
                         va="center", fontsize=7, transform=ax.transAxes)  # fmt: skip
             for label, (px, py), style in points:
                 ax.plot(px, py[:, i], style, ms=4, label=label)
+            if x_split is not None:
+                ax.axvline(x_split, color="grey", lw=0.8, ls=":", label="end of training data")
             if i == 0:
                 ax.set_title(name)
             if j == 0:
@@ -74,13 +79,17 @@ def _plot_bands(
                 ax.set_ylabel(labels[i] if i < len(labels) else default)
             if i == n_out - 1:
                 ax.set_xlabel(x_label)
+    for i in range(n_out):
+        _clip_to_data(axes[i, 0], [p[1][:, i] for _, p, _ in points])
     handles, labels_ = axes[0, 0].get_legend_handles_labels()
     # Below the panels: inside one, the legend hides that panel's bands.
-    fig.legend(handles, labels_, loc="lower center", ncol=min(len(labels_), 5), fontsize=7,
-               frameon=False)  # fmt: skip
+    # About 1.45 inches an entry; one row of entries takes about 0.17 inches.
+    ncol = max(1, min(len(labels_), int(fig.get_figwidth() // 1.45)))
+    rows = -(-len(labels_) // ncol)
+    fig.legend(handles, labels_, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     what = f"{kind} intervals of {site!r}" + (" (new observations)" if kind == "predictive" else "")
     fig.suptitle(f"Median and central {what}, by engine", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, (0.08 + 0.17 * rows) / fig.get_figheight(), 1, 1))
     if path is not None:
         try:
             write_output(
@@ -90,6 +99,18 @@ def _plot_bands(
             plt.close(fig)
             raise
     return fig
+
+
+def _clip_to_data(ax: Any, values: Sequence[np.ndarray], margin: float = 0.5) -> None:
+    """Narrow the (shared) y range of ``ax`` to the observations ``values`` plus
+    ``margin`` times their range on each side, where the bands reach further."""
+    finite = [v[np.isfinite(v)] for v in values]
+    data = np.concatenate(finite) if finite else np.empty(0)
+    if data.size < 2 or np.ptp(data) == 0:
+        return
+    pad = margin * float(np.ptp(data))
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, float(data.min()) - pad), min(high, float(data.max()) + pad))
 
 
 def _is_observed(result: Comparison, site: str) -> bool:
@@ -184,14 +205,14 @@ def _observed_points(
     if tx is None and x_name is not None:
         tx = _per_point(result.test_arguments.get(x_name), flat.shape[0])
     if tx is not None:
-        out.append(("held out", (tx, flat), "rx"))
+        out.append(("held-out observations", (tx, flat), "rx"))
     train_y = result.train_arguments.get(result.observed_arg)
     if show_train and x_name is not None and train_y is not None:
         ty = np.asarray(_to_numpy(train_y), dtype=float)
         ty = ty.reshape(ty.shape[0], -1) if ty.ndim else ty.reshape(1, 1)
         trx = _per_point(result.train_arguments.get(x_name), ty.shape[0])
         if trx is not None and ty.shape[1] == flat.shape[1]:
-            out.insert(0, ("train", (trx, ty), "ko"))
+            out.insert(0, ("training observations", (trx, ty), "ko"))
     return out
 
 
