@@ -7,11 +7,13 @@ Runners (same settings: MILE's tuning split 80/10/10 %, 100 effective samples in
 step-size average, no preconditioning, MILE's desired energy variance 0.1, thinning 10):
 
 * ``hand-written``: the model as plain ``numpyro.sample`` sites; NumPyro's
-  ``initialize_model`` (prior median start) for the potential; per chain
-  ``blackjax.mclmc_find_L_and_step_size`` then ``num_samples * thinning`` steps of
-  ``blackjax.mcmc.mclmc.build_kernel()`` in a ``lax.scan``, chains ``vmap``-ed in one
-  ``jit``; then what ``probdyn.fit`` also returns (constrained draws, posterior
-  predictive and pointwise log likelihood) and the predictive mean at 5 new inputs.
+  ``initialize_model`` (prior median start) for the potential; per chain the
+  first step size halved from ``sqrt(dim) / 4`` until a trial step's energy error is
+  on target (as probdyn does), ``blackjax.mclmc_find_L_and_step_size`` from it, then
+  ``num_samples * thinning`` steps of ``blackjax.mcmc.mclmc.build_kernel()`` in a
+  ``lax.scan``, chains ``vmap``-ed in one ``jit``; then what ``probdyn.fit`` also
+  returns (constrained draws, posterior predictive and pointwise log likelihood) and
+  the predictive mean at 5 new inputs.
 * ``probdyn``: ``probdyn.fit(model, x, y, engine=probdyn.MCLMC(...))`` with a
   `BayesianMLP`, then ``post.predict`` at the same 5 inputs.
 * ``probdyn init=ensemble`` (not with ``--quick``): the MILE recipe, one chain per
@@ -64,6 +66,25 @@ def _hand_chain(logdensity: Any, s: Settings) -> Any:
     def chain(u0: jax.Array, key: jax.Array) -> Any:
         k_init, k_tune, k_run = jax.random.split(key, 3)
         state = blackjax.mcmc.mclmc.init(u0, logdensity, k_init)
+        dim = u0.shape[0]
+        ones = jnp.ones(dim, u0.dtype)
+
+        # The tuner's first step size: BlackJAX's guess sqrt(dim) / 4, halved (at most
+        # 40 times) until one trial step from the start has energy error^2 <= dim *
+        # desired_energy_variance, as probdyn does (MILE starts from a fixed 0.001).
+        def ok(eps: jax.Array) -> jax.Array:
+            _, info = kernel(k_init, state, logdensity, ones, jnp.sqrt(dim), eps)
+            de = info.energy_change
+            bound = dim * s.desired_energy_variance
+            return info.nonans & jnp.isfinite(de) & (de**2 <= bound)
+
+        eps0 = jnp.asarray(jnp.sqrt(dim) / 4, u0.dtype)
+        eps0, _, _ = jax.lax.while_loop(
+            lambda c: ~c[2] & (c[1] < 40),
+            lambda c: (c[0] / 2, c[1] + 1, ok(c[0] / 2)),
+            (eps0, jnp.asarray(0), ok(eps0)),
+        )
+        first = blackjax.adaptation.mclmc_adaptation.MCLMCAdaptationState(jnp.sqrt(dim), eps0, ones)
         state, params, _ = blackjax.mclmc_find_L_and_step_size(
             mclmc_kernel=kernel,
             num_steps=s.num_warmup,
@@ -76,6 +97,7 @@ def _hand_chain(logdensity: Any, s: Settings) -> Any:
             desired_energy_var=s.desired_energy_variance,
             num_effective_samples=NUM_EFFECTIVE_SAMPLES,
             diagonal_preconditioning=False,
+            params=first,
         )
 
         def step(state: Any, k: jax.Array) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -43,6 +44,8 @@ def test_sample_stats_and_tuned_values() -> None:
     step = post.sample_stats["step_size"]
     assert np.all(step > 0) and np.all(step == step[:, :1])  # one tuned value per chain
     assert len(post.attrs["L"]) == 2 and all(v > 0 for v in post.attrs["L"])
+    assert len(post.attrs["initial_step_size"]) == 2
+    assert all(v > 0 for v in post.attrs["initial_step_size"])
     # 80 / 10 / 10 % of num_warmup, no preconditioning: exactly num_warmup steps.
     assert post.attrs["tuning_steps"] == 200
     assert len(post.attrs["energy_variance_per_dim"]) == 2
@@ -86,6 +89,47 @@ def test_start_from_a_posterior() -> None:
     sd = np.sqrt(np.diag(problem.cov))
     assert np.all(np.abs(first[0] - problem.mean) < 6 * sd)
     assert np.all(np.abs(first[1] - problem.mean) > 6 * sd)
+
+
+def test_concentrated_posterior_started_at_its_mode() -> None:
+    # 50 independent Normal(0, 1e-3) coordinates, both chains started at the mode (as
+    # an ensemble member starts a network's chain at its MAP), in float32 as the UCI
+    # benchmark runs. BlackJAX's first step size guess, sqrt(50) / 4 = 1.8, is 1800
+    # sds: its first tuning step threw a chain so far out (log density -1e8, where
+    # float32 rounding turns the energy errors into noise) that it never came back
+    # (mean 184 sds off, measured; in float64 it came back); on power-plant it froze
+    # 3 of 4 chains. The tuner must start from a step size on the target's scale.
+    # Tolerances: thinned draws of these 60-draw chains have a bulk ESS of tens per
+    # coordinate, so |chain mean| / sd averages about 0.8 / sqrt(ESS) ~ 0.15 over
+    # coordinates and the sd ratio is within a few % of 1; 0.5 and (0.8, 1.25) fail
+    # only a chain with a handful of effective draws.
+    scale, dim = 1e-3, 50
+
+    def model() -> None:
+        numpyro.sample("x", dist.Normal(0.0, scale).expand([dim]).to_event(1))
+
+    engine = dataclasses.replace(ENGINE, num_samples=60, init="median")
+    with jax.enable_x64(False):  # float32, JAX's default and the UCI benchmark's
+        post = probdyn.fit(model, engine=engine, key=0)
+    x = post.samples["x"]  # (chain, draw, dim)
+    assert x.dtype == np.float32
+    off = np.mean(np.abs(x.mean(axis=1)), axis=-1) / scale
+    ratio = np.mean(x.std(axis=1), axis=-1) / scale
+    assert np.all(off < 0.5), off
+    assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+    assert np.all(np.asarray(post.attrs["initial_step_size"]) < np.sqrt(dim) / 4)
+
+
+def test_a_chain_that_never_moves_is_reported() -> None:
+    from probdyn.numpyro.engines.mclmc import _warn_frozen
+
+    rng = np.random.default_rng(0)
+    flat = rng.normal(size=(3, 5, 4))
+    _warn_frozen(flat, np.ones(3))  # all chains move: no warning (warnings are errors)
+    _warn_frozen(flat[:, :1], np.ones(3))  # one draw per chain: nothing to tell
+    flat[1] = flat[1, 0]
+    with pytest.warns(RuntimeWarning, match=r"chain\(s\) \[1\] did not move"):
+        _warn_frozen(flat, np.array([0.1, 0.0, 0.1]))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,14 @@ A chain (`MCLMC`):
 2. tunes its step size and momentum decoherence length ``L`` with
    ``blackjax.mclmc_find_L_and_step_size`` over ``num_warmup`` steps, split 80 / 10 /
    10 % as in MILE (with ``diagonal_preconditioning``, BlackJAX adds ``num_warmup / 30``
-   steps to re-tune the step size after measuring the variances);
+   steps to re-tune the step size after measuring the variances), starting from a
+   step size found at the chain's start (``_initial_step_size``: BlackJAX's guess
+   ``sqrt(dim) / 4``, halved until one trial step's energy error is within the
+   target; without it, chains started at a network's MAP on power-plant jumped out of
+   their basin on the first tuning step and froze there). ``L`` comes from the
+   autocorrelation of the last phase's ``num_warmup / 10`` steps, so it grows with
+   them: on a 1x50 network (UCI yacht, energy) 2000 tuning steps gave ``L`` of about
+   22 step sizes and chains that random-walked, 20000 gave about 180;
 3. takes ``num_samples * thinning`` steps of ``blackjax.mcmc.mclmc.build_kernel()`` with
    the tuned values, keeping every ``thinning``-th position.
 
@@ -35,15 +42,19 @@ Sample stats per kept draw: ``lp`` (the log density there, as NUTS's), ``energy_
 and ``kinetic_change`` (BlackJAX's ``MCLMCInfo`` for the step that produced the draw),
 ``diverging`` (a step since the previous draw was reverted because the state became
 non-finite) and ``step_size`` (the chain's tuned value). ``attrs`` holds each chain's
-tuned ``L``, ``tuning_steps`` (BlackJAX's count of integrator steps spent tuning) and
-``energy_variance_per_dim``, the realised variance of ``energy_change`` per dimension
-while sampling, to compare with ``desired_energy_variance``; with
+tuned ``L``, ``tuning_steps`` (BlackJAX's count of integrator steps spent tuning),
+``initial_step_size`` (where its tuning started) and ``energy_variance_per_dim``, the
+realised variance of ``energy_change`` per dimension while sampling, to compare with
+``desired_energy_variance``; with
 ``diagonal_preconditioning``, ``traces["inverse_mass_matrix"]`` is ``(chain, dim)``.
+A chain whose kept draws never move (its tuning collapsed) is named in a
+``RuntimeWarning``.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -52,6 +63,7 @@ import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
 from blackjax.mcmc.mclmc import MCLMCInfo
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
@@ -77,6 +89,8 @@ __all__ = ["run_mclmc"]
 _PHASES = (0.8, 0.1, 0.1)
 _NUM_EFFECTIVE_SAMPLES = 100
 _MAX_BLOCKS = 50
+# Halvings of BlackJAX's first step size guess before the tuner starts (2^-40 ~ 1e-12).
+_MAX_HALVINGS = 40
 
 
 class _Target(NamedTuple):
@@ -176,26 +190,73 @@ def _target(
     return _Target(padded, jnp.concatenate([flat, aux], axis=1), dim, unravel)
 
 
+def _initial_step_size(target: _Target, engine: MCLMC, state: Any, key: jax.Array) -> jax.Array:
+    """The step size the tuner starts from: BlackJAX's first guess ``sqrt(dim) / 4``,
+    halved until one trial step from the start has a squared energy error of at most
+    ``dim * desired_energy_variance`` (the tuner's target) and stays finite.
+
+    The trial steps are not taken: the chain stays at its start. BlackJAX's first
+    guess is scale-free, and on a concentrated posterior (a network fitted to
+    thousands of rows, started at a MAP) its first tuning step jumps far out of the
+    basin; there the log density is so large (1e8 on power-plant) that float32
+    rounding makes the energy errors noise, the tuner drives the step size to 0 and
+    the chain freezes where it landed. MILE avoids the jump with a small fixed first
+    step size (``step_size_init``, 0.001 in its UCI runs); this search finds one on
+    the target's own scale.
+    """
+    kernel = blackjax.mcmc.mclmc.build_kernel()
+    dim = state.position.shape[0]
+    bound = dim * engine.desired_energy_variance
+    ones = jnp.ones(dim, state.position.dtype)
+
+    def fits(step_size: jax.Array) -> jax.Array:
+        _, info = kernel(key, state, target.logdensity, ones, jnp.sqrt(dim), step_size)
+        change = info.energy_change
+        return info.nonans & jnp.isfinite(change) & (jnp.square(change) <= bound)
+
+    def halve(carry: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
+        step_size, i, _ = carry
+        return step_size / 2, i + 1, fits(step_size / 2)
+
+    first = jnp.asarray(jnp.sqrt(dim) * 0.25, state.position.dtype)
+    step_size, _, _ = jax.lax.while_loop(
+        lambda c: ~c[2] & (c[1] < _MAX_HALVINGS), halve, (first, jnp.asarray(0), fits(first))
+    )
+    return step_size
+
+
 def _tuner(target: _Target, engine: MCLMC) -> Callable[[jax.Array, jax.Array], Any]:
-    """One chain's tuning: ``(start, key) -> (log density at the start, state,
-    MCLMCAdaptationState, steps)``."""
+    """One chain's tuning: ``(start, key) -> (log density at the start, first step
+    size, state, MCLMCAdaptationState, steps)``."""
     kernel = blackjax.mcmc.mclmc.build_kernel()
 
     def tune(x0: jax.Array, key: jax.Array) -> Any:
-        k_init, k_tune = jax.random.split(key)
+        k_init, k_probe, k_tune = jax.random.split(key, 3)
         state = blackjax.mcmc.mclmc.init(x0, target.logdensity, k_init)
-        return state.logdensity, *blackjax.mclmc_find_L_and_step_size(
-            mclmc_kernel=kernel,
-            num_steps=engine.num_warmup,
-            state=state,
-            rng_key=k_tune,
-            logdensity_fn=target.logdensity,
-            frac_tune1=_PHASES[0],
-            frac_tune2=_PHASES[1],
-            frac_tune3=_PHASES[2],
-            desired_energy_var=engine.desired_energy_variance,
-            num_effective_samples=_NUM_EFFECTIVE_SAMPLES,
-            diagonal_preconditioning=engine.diagonal_preconditioning,
+        dim = x0.shape[0]
+        first = _initial_step_size(target, engine, state, k_probe)
+        params = MCLMCAdaptationState(
+            L=jnp.asarray(jnp.sqrt(dim), x0.dtype),
+            step_size=first,
+            inverse_mass_matrix=jnp.ones(dim, x0.dtype),
+        )
+        return (
+            state.logdensity,
+            first,
+            *blackjax.mclmc_find_L_and_step_size(
+                mclmc_kernel=kernel,
+                num_steps=engine.num_warmup,
+                state=state,
+                rng_key=k_tune,
+                logdensity_fn=target.logdensity,
+                frac_tune1=_PHASES[0],
+                frac_tune2=_PHASES[1],
+                frac_tune3=_PHASES[2],
+                desired_energy_var=engine.desired_energy_variance,
+                num_effective_samples=_NUM_EFFECTIVE_SAMPLES,
+                diagonal_preconditioning=engine.diagonal_preconditioning,
+                params=params,
+            ),
         )
 
     return tune
@@ -253,6 +314,22 @@ def _check_starts(logdensity: np.ndarray) -> None:
         )
 
 
+def _warn_frozen(flat: np.ndarray, step_size: np.ndarray) -> None:
+    """Warn about chains whose kept draws never moved (their tuning collapsed)."""
+    if flat.shape[1] < 2:
+        return
+    frozen = np.flatnonzero(np.all(flat == flat[:, :1], axis=(1, 2)))
+    if frozen.size:
+        warnings.warn(
+            f"MCLMC: chain(s) {frozen.tolist()} did not move while sampling (tuned step "
+            f"size {step_size[frozen].tolist()}): their tuning collapsed, so their draws "
+            "are one point, not a posterior sample. Start them elsewhere, or tune longer "
+            "or with a smaller desired_energy_variance.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _sample(
     target: _Target, engine: MCLMC, key: jax.Array
 ) -> tuple[dict[str, np.ndarray], Any, int]:
@@ -265,7 +342,9 @@ def _sample(
     with tqdm(total=total, disable=not engine.progress_bar, desc="MCLMC") as bar:
         bar.set_postfix(phase="tuning")
         tune = jax.jit(jax.vmap(_tuner(target, engine)))
-        start, state, params, steps = tune(target.starts, jax.random.split(k_tune, n_chains))
+        start, initial, state, params, steps = tune(
+            target.starts, jax.random.split(k_tune, n_chains)
+        )
         _check_starts(np.asarray(start))
         bar.update(engine.num_warmup)
         bar.set_postfix(step_size=f"{float(jnp.mean(params.step_size)):.3g}")
@@ -277,6 +356,7 @@ def _sample(
             out.append(jax.device_get(draws))
             bar.update(min(size, n_draws - first) * engine.thinning)
     stats = {k: np.concatenate([o[k] for o in out], axis=1)[:, :n_draws] for k in out[0]}
+    stats["initial_step_size"] = np.asarray(initial)
     return stats, jax.device_get(params), int(np.max(steps))
 
 
@@ -321,12 +401,14 @@ def run_mclmc(
         target = _target(run_model, args, kwargs, z, k_pad)
         stats, tuned, tuning_steps = _sample(target, engine, k_run)
         flat = stats.pop("x")
+        initial = stats.pop("initial_step_size")
         constrain = jax.jit(
             jax.vmap(jax.vmap(lambda x: constrain_fn(run_model, args, kwargs, target.unravel(x))))
         )
         draws = jax.block_until_ready(constrain(flat))
     wall = time.perf_counter() - start
     step_size = np.asarray(tuned.step_size)
+    _warn_frozen(flat, step_size)
     energy = stats["energy_change"]
     traces = {}
     if engine.diagonal_preconditioning:
@@ -349,6 +431,7 @@ def run_mclmc(
         compile_time=timer.seconds,
         extra_attrs={
             "L": np.asarray(tuned.L).tolist(),
+            "initial_step_size": initial.tolist(),
             "tuning_steps": tuning_steps,
             "energy_variance_per_dim": (np.var(energy, axis=1) / target.starts.shape[1]).tolist(),
         },
