@@ -157,6 +157,33 @@ def test_weighted_variance_weighs_and_floors() -> None:
     np.testing.assert_allclose(sm.weighted_variance(x, np.zeros(3))[0], x[:, 0].var(), rtol=1e-14)
 
 
+def test_move_rules() -> None:
+    # the distance rule: at least MIN_MOVES, then while the distance grows by 10 %
+    assert sm.keep_moving(0, 0.0, 0.0, 10) and sm.keep_moving(1, 0.5, 0.0, 10)
+    assert sm.keep_moving(2, 8.0, 4.0, 10) and not sm.keep_moving(3, 8.4, 8.0, 10)
+    assert not sm.keep_moving(10, 20.0, 10.0, 10)  # the cap
+    assert sm.keep_moving(5, 8.0, 8.0, 10, adaptive=False)
+    # the last stage: while some coordinate's correlation with the start exceeds 0.1,
+    # whatever the distance does, up to its own cap
+    assert sm.keep_moving(12, 8.0, 8.0, 50, correlation=sm.FINAL_CORRELATION + 0.01)
+    assert not sm.keep_moving(3, 8.0, 1.0, 50, correlation=sm.FINAL_CORRELATION)
+    assert not sm.keep_moving(50, 8.0, 1.0, 50, correlation=0.9)
+    assert sm.keep_moving(1, 0.0, 0.0, 50, correlation=0.0)  # at least MIN_MOVES
+    assert sm.final_max_moves(10, True) == sm.FINAL_MOVES_FACTOR * 10
+    assert sm.final_max_moves(10, False) == 10
+
+
+def test_start_correlation_is_pearson_per_coordinate() -> None:
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(500, 3))
+    x = np.column_stack([start[:, 0], 0.3 * start[:, 1] + rng.normal(size=500), -start[:, 2]])
+    expected = [np.corrcoef(x[:, j], start[:, j])[0, 1] for j in range(3)]
+    np.testing.assert_allclose(sm.start_correlation(x, start), expected, rtol=1e-12)
+    # a coordinate that does not vary counts as still correlated
+    x[:, 1] = 2.0
+    assert sm.start_correlation(x, start)[1] == 1.0
+
+
 def test_stage_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     sm.check_stage_limit(sm.MAX_STAGES, 1.0, 0.5, 100)  # reached temperature 1: fine
     sm.check_stage_limit(sm.MAX_STAGES - 1, 0.3, 0.5, 100)

@@ -22,8 +22,10 @@ from engine_backends import check_step_rule, check_tempered_traces, run_on_four_
 from scipy import integrate, stats
 
 import probdyn
+from probdyn.engines import smc_math as _smc_math
 from probdyn.numpyro import BayesianMLP
 from probdyn.numpyro.engines import smc as _smc
+from probdyn.numpyro.engines import smc_kernels as _smc_kernels
 from probdyn.numpyro.engines import smc_program as _smc_program
 from probdyn.numpyro.engines.smc import sample_smc
 from probdyn.numpyro.engines.smc_program import particle_batch_size
@@ -122,16 +124,56 @@ def test_layout_traces_and_reproducibility() -> None:
     check_arviz(post)
     check_tempered_traces(post)
     assert post.attrs["num_stages"] >= 1
-    # The prior draws at temperature 0 are not moved; every later stage moves them
-    # between MIN_MOVES and num_mcmc_steps times, and the moves do move.
+    # The prior draws at temperature 0 are not moved; every later stage but the last
+    # moves them between MIN_MOVES and num_mcmc_steps times, and the moves do move.
     moves, rates = post.traces["num_moves"], post.traces["acceptance_rate"]
     assert moves[0] == 0 and np.isnan(rates[0])
-    assert np.all((moves[1:] >= 2) & (moves[1:] <= ENGINE.num_mcmc_steps))
+    assert np.all((moves[1:-1] >= 2) & (moves[1:-1] <= ENGINE.num_mcmc_steps))
+    # the last stage, at temperature 1, moves until decorrelated, up to its own cap
+    last_cap = _smc_math.final_max_moves(ENGINE.num_mcmc_steps, ENGINE.adaptive_moves)
+    assert 2 <= moves[-1] <= last_cap
     assert post.attrs["num_moves"] == moves.sum()
     assert np.all(rates[1:] > 0.1)
     check_step_rule(post, "hmc", 1)
     runs = iter([post, _run("normal", 0), _fit("normal", 1)])
     check_reproducible(lambda key: next(runs))
+
+
+def test_last_stage_moves_until_decorrelated() -> None:
+    # HMC at temperature 1 on N(0, I_3) from resampled starts (each point 4 times),
+    # and short trajectories: the distance rule stops while the draws still remember their
+    # start; the last stage's rule moves on until every coordinate's correlation with
+    # the start (recomputed here in NumPy) is at most FINAL_CORRELATION.
+    def log_parts(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return -0.5 * jnp.sum(u**2), jnp.zeros(())
+
+    evaluate = _smc_kernels.evaluator(log_parts, 0, needs_grad=True)
+    start = jnp.repeat(jax.random.normal(jax.random.PRNGKey(0), (250, 3)), 4, axis=0)
+    beta = jnp.ones(())
+    cloud = _smc_kernels.Cloud(start, *evaluate(start, beta))
+    cap = _smc_math.final_max_moves(10, True)
+    out = {}
+    for final in (False, True):
+        moved_cloud, moved = _smc_kernels.move(
+            jax.random.PRNGKey(1),
+            cloud,
+            jnp.ones((), bool),
+            evaluate,
+            kernel="hmc",
+            num_leapfrog_steps=2,
+            beta=beta,
+            step=jnp.full((1000, 1), 0.25),
+            variance=jnp.ones(3),
+            max_moves=jnp.asarray(cap if final else 10),
+            adaptive=True,
+            final=final,
+        )
+        rho = _smc_math.start_correlation(np.asarray(moved_cloud.u), np.asarray(start))
+        np.testing.assert_allclose(float(moved.correlation), rho.max(), rtol=1e-6)
+        out[final] = int(moved.num_moves), float(rho.max())
+    (moves_distance, rho_distance), (moves_final, rho_final) = out[False], out[True]
+    assert rho_distance > _smc_math.FINAL_CORRELATION
+    assert moves_distance < moves_final < cap and rho_final <= _smc_math.FINAL_CORRELATION
 
 
 def _exact_mode_weight(y: float = 4.0) -> float:

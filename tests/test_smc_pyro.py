@@ -32,6 +32,7 @@ from engine_backends import (
 from scipy import stats
 
 import probdyn
+from probdyn.engines import smc_math as _smc_math
 from probdyn.pyro import BayesianMLP
 from probdyn.testing import (
     check_accuracy,
@@ -91,10 +92,13 @@ def test_layout_traces_and_weights() -> None:
     check_arviz(post)
     check_tempered_traces(post)
     # No move at temperature 0 (exact prior draws); then between MIN_MOVES and
-    # num_mcmc_steps moves per stage, as on the NumPyro backend.
+    # num_mcmc_steps moves per stage, and in the last stage (until decorrelated) up
+    # to final_max_moves, as on the NumPyro backend.
     rates, moves = post.traces["acceptance_rate"], post.traces["num_moves"]
     assert moves[0] == 0 and np.isnan(rates[0])
-    assert np.all((moves[1:] >= 2) & (moves[1:] <= ENGINE.num_mcmc_steps))
+    assert np.all((moves[1:-1] >= 2) & (moves[1:-1] <= ENGINE.num_mcmc_steps))
+    last_cap = _smc_math.final_max_moves(ENGINE.num_mcmc_steps, ENGINE.adaptive_moves)
+    assert 2 <= moves[-1] <= last_cap
     assert np.all((rates[1:] > 0) & (rates[1:] <= 1))
     np.testing.assert_allclose(post.sample_stats["log_weight"], np.full((1, n), -math.log(n)))
     check_step_rule(post, "hmc", 1)

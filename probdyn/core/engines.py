@@ -482,7 +482,8 @@ class SMC(AbstractEngine):
     Args:
         num_particles: number of particles (the draws of the posterior).
         kernel: move kernel: ``"hmc"``, ``"mala"`` or ``"rw"`` (Gaussian random walk).
-        num_mcmc_steps: kernel steps per stage (at most, with ``adaptive_moves``).
+        num_mcmc_steps: kernel steps per stage (at most, with ``adaptive_moves``,
+            except the last stage, see ``adaptive_moves``).
         target_ess: ESS fraction kept at each stage, in (0, 1).
         temperatures: ``"adaptive"`` or an increasing sequence of tempering
             exponents in (0, 1] ending at 1.
@@ -507,7 +508,10 @@ class SMC(AbstractEngine):
         adaptive_moves: stop a stage's moves early once the particles have
             decorrelated from their starting points (the mean squared jump from the
             stage's start, in units of the particles' variance, grows by less than
-            10 % over a move; at least 2 moves); ``False`` makes exactly
+            10 % over a move; at least 2 moves), and move the last stage's particles
+            (the returned draws, at temperature 1) until every coordinate's
+            correlation with their start is at most 0.1, up to 10 x
+            ``num_mcmc_steps`` moves; ``False`` makes exactly
             ``num_mcmc_steps`` moves per stage (``stream="tempered"`` only;
             ``traces["num_moves"]`` records them).
         progress_bar: show a progress bar.

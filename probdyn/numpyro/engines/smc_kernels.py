@@ -24,7 +24,9 @@ xi``).
 The number of moves adapts (`probdyn.engines.smc_math.keep_moving`): the loop stops
 once the particles' mean squared distance from where the stage started, in units of
 the preconditioner, grows by less than `probdyn.engines.smc_math.MOVE_DISTANCE_GAIN`
-over a move, or after ``max_moves`` moves.
+over a move, or after ``max_moves`` moves; the last stage (``final``) instead once
+every coordinate's correlation with the stage's start is at most
+`probdyn.engines.smc_math.FINAL_CORRELATION`.
 """
 
 from __future__ import annotations
@@ -63,12 +65,15 @@ class Cloud(NamedTuple):
 
 class MoveStats(NamedTuple):
     """What a stage's moves did: ``num_moves`` moves of the cloud (0: none), the mean
-    acceptance probability over moves and particles (NaN if none), and how many
-    evaluations of the cloud they took."""
+    acceptance probability over moves and particles (NaN if none), how many
+    evaluations of the cloud they took, and the largest correlation over the
+    coordinates between the particles and the stage's start after them (1 if none,
+    `probdyn.engines.smc_math.start_correlation`)."""
 
     num_moves: jax.Array
     acceptance_rate: jax.Array
     num_evaluations: jax.Array
+    correlation: jax.Array
 
 
 def evaluator(
@@ -117,6 +122,7 @@ class _Loop(NamedTuple):
     accept_sum: jax.Array  # () sum over moves of the mean acceptance probability
     distance: jax.Array  # () mean squared distance from the start after the last move
     previous: jax.Array  # () the same after the move before
+    correlation: jax.Array  # () largest correlation with the start after the last move
     going: jax.Array  # () whether to move again
     evaluations: jax.Array  # () evaluations of the cloud so far
 
@@ -138,6 +144,7 @@ def move(
     variance: jax.Array,
     max_moves: jax.Array,
     adaptive: bool,
+    final: jax.Array | bool = False,
 ) -> tuple[Cloud, MoveStats]:
     """Move the cloud at temperature ``beta`` by up to ``max_moves`` moves of ``kernel``.
 
@@ -155,6 +162,8 @@ def move(
         max_moves: at most this many moves (0: only the evaluation, if not fresh).
         adaptive: stop early by `probdyn.engines.smc_math.keep_moving`; else make
             ``max_moves`` moves.
+        final: the last stage, at temperature 1: with ``adaptive``, move until the
+            particles have decorrelated from their start (see `keep_moving`).
 
     Returns:
         The moved cloud (evaluated at ``beta``) and its `MoveStats`.
@@ -162,7 +171,17 @@ def move(
     scale = jnp.sqrt(variance)
     steps_per_move = num_leapfrog_steps if kernel == "hmc" else 1
     start = cloud.u
+    start_c = start - jnp.mean(start, axis=0)
+    start_ss = jnp.sum(start_c**2, axis=0)
     zero = jnp.zeros((), cloud.u.dtype)
+
+    def correlation(u: jax.Array) -> jax.Array:
+        """The largest `_smc_math.start_correlation` over the coordinates."""
+        uc = u - jnp.mean(u, axis=0)
+        denom = jnp.sqrt(jnp.sum(uc**2, axis=0) * start_ss)
+        ok = denom > 0
+        rho = jnp.where(ok, jnp.sum(uc * start_c, axis=0) / jnp.where(ok, denom, 1.0), 1.0)
+        return jnp.max(rho)
 
     def begin(key: jax.Array, c: Cloud) -> _Trajectory:
         """Start a proposal from ``c``: the first point to evaluate."""
@@ -223,7 +242,8 @@ def move(
         moved = s.fresh & last  # a move completed in this iteration
         moves = s.moves + moved.astype(s.moves.dtype)
         d = jnp.mean(jnp.sum((accepted.u - start) ** 2 / variance, axis=-1))
-        keep_going = _keep_moving(moves, d, s.distance, max_moves, adaptive)
+        rho = correlation(accepted.u)
+        keep_going = _keep_moving(moves, d, s.distance, max_moves, adaptive, final, rho)
 
         # Which case, and the state after it.
         cloud = jax.tree.map(
@@ -244,6 +264,7 @@ def move(
             s.accept_sum + jnp.where(moved, rate, 0.0),
             jnp.where(moved, d, s.distance),
             jnp.where(moved, s.distance, s.previous),
+            jnp.where(moved, rho, s.correlation),
             going,
             s.evaluations + 1,
         )
@@ -259,20 +280,29 @@ def move(
         zero,
         zero,
         zero,
+        jnp.ones((), cloud.u.dtype),
         jnp.asarray(max_moves) > 0,
         jnp.zeros((), jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
     rate = jnp.where(out.moves > 0, out.accept_sum / jnp.maximum(out.moves, 1), jnp.nan)
-    return out.cloud, MoveStats(out.moves, rate, out.evaluations)
+    return out.cloud, MoveStats(out.moves, rate, out.evaluations, out.correlation)
 
 
 def _keep_moving(
-    moves: jax.Array, distance: jax.Array, previous: jax.Array, max_moves: jax.Array, adaptive: bool
+    moves: jax.Array,
+    distance: jax.Array,
+    previous: jax.Array,
+    max_moves: jax.Array,
+    adaptive: bool,
+    final: jax.Array | bool,
+    correlation: jax.Array,
 ) -> jax.Array:
-    """`probdyn.engines.smc_math.keep_moving` in jax.numpy."""
+    """`probdyn.engines.smc_math.keep_moving` in jax.numpy (``final``: the last stage,
+    whose rule reads ``correlation``)."""
     more = moves < max_moves
     if not adaptive:
         return more
     growing = distance >= (1.0 + _smc_math.MOVE_DISTANCE_GAIN) * previous
-    return more & ((moves < _smc_math.MIN_MOVES) | growing)
+    correlated = correlation > _smc_math.FINAL_CORRELATION
+    return more & ((moves < _smc_math.MIN_MOVES) | jnp.where(final, correlated, growing))

@@ -11,7 +11,9 @@ data and engine settings (`compiled_program` caches it):
 3. the moves at the current temperature (`smc_kernels.move`): none at temperature 0,
    where the particles are exact prior draws (only their evaluation), then up to
    ``num_mcmc_steps`` moves, as many as `_smc_math.keep_moving` asks for with
-   ``adaptive_moves``; every move of the cloud is one vectorised evaluation of the
+   ``adaptive_moves`` (in the last stage, at temperature 1, up to
+   `_smc_math.final_max_moves`, until the particles have decorrelated from their
+   start); every move of the cloud is one vectorised evaluation of the
    model per leapfrog step, and the stage holds that evaluation once;
 4. the next temperature, by bisection on the ESS of the incremental weights
    (`_smc_math.next_temperature`, re-stated in jax.numpy), or the given one; the
@@ -200,8 +202,11 @@ def _build_program(
         idx = resampling.systematic(k_resample, state.weights, n)
         cloud = jax.tree.map(lambda a: a[idx], cloud)
         jitter = jnp.exp(jax.random.uniform(k_jitter, (n, 1), dtype, -jitter_width, jitter_width))
-        # No move at temperature 0: the particles are exact prior draws.
-        max_moves = jnp.where(beta > 0, engine.num_mcmc_steps, 0)
+        # No move at temperature 0: the particles are exact prior draws; the last
+        # stage, at 1, moves until decorrelated (_smc_math.final_max_moves).
+        final = beta >= 1.0
+        last_moves = _smc_math.final_max_moves(engine.num_mcmc_steps, engine.adaptive_moves)
+        max_moves = jnp.where(final, last_moves, jnp.where(beta > 0, engine.num_mcmc_steps, 0))
         cloud, moved = move(
             k_move,
             cloud,
@@ -214,6 +219,7 @@ def _build_program(
             variance=variance,
             max_moves=max_moves,
             adaptive=engine.adaptive_moves,
+            final=final,
         )
         bad = loglik_floor(dtype)
         valid = cloud.loglik > bad / 2
@@ -241,6 +247,7 @@ def _build_program(
             "num_valid": jnp.sum(valid),
             "num_moves": moved.num_moves,
             "num_evaluations": moved.num_evaluations,
+            "correlation": moved.correlation,
         }
         return StageState(cloud, weights, new_beta, next_step, fresh), stats
 

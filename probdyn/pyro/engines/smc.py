@@ -205,10 +205,16 @@ def _move(
     """Up to ``num_mcmc_steps`` moves at ``beta``, preconditioned by the per-coordinate
     ``variance`` ``(D,)``, each particle with its own jittered step (see
     `_smc_math.STEP_JITTER`), as many as `_smc_math.keep_moving` asks for; none at
-    ``beta = 0``, where the particles are exact prior draws. Returns the cloud, the
-    mean acceptance probability (NaN without moves) and the number of moves."""
+    ``beta = 0``, where the particles are exact prior draws; at ``beta = 1`` (the
+    last stage) up to `_smc_math.final_max_moves`, until decorrelated from the start.
+    Returns the cloud, the mean acceptance probability (NaN without moves) and the
+    number of moves."""
     engine = mover.engine
-    max_moves = engine.num_mcmc_steps if beta > 0.0 else 0
+    final = beta >= 1.0  # the last stage moves until decorrelated from its start
+    if final:
+        max_moves = _smc_math.final_max_moves(engine.num_mcmc_steps, engine.adaptive_moves)
+    else:
+        max_moves = engine.num_mcmc_steps if beta > 0.0 else 0
     if max_moves == 0:
         return cloud, math.nan, 0
     dtype = cloud.u.dtype
@@ -218,13 +224,22 @@ def _move(
     steps = step_size * torch.exp(_smc_math.STEP_JITTER * (2 * uniform - 1))[:, None]
     start, accepted = cloud.u, list[float]()
     distance = previous = 0.0
+    correlation = 1.0 if final else None
     while _smc_math.keep_moving(
-        len(accepted), distance, previous, max_moves, adaptive=engine.adaptive_moves
+        len(accepted),
+        distance,
+        previous,
+        max_moves,
+        adaptive=engine.adaptive_moves,
+        correlation=correlation,
     ):
         cloud, accept_prob = mover.step(cloud, beta, steps, scale)
         accepted.append(float(accept_prob.mean()))
         previous = distance
         distance = float(((cloud.u - start) ** 2 / var).sum(-1).mean())
+        if final:
+            rho = _smc_math.start_correlation(cloud.u.numpy(), start.numpy())
+            correlation = float(rho.max())
     return cloud, float(np.mean(accepted)), len(accepted)
 
 
