@@ -47,7 +47,7 @@ def test_demo_quick_writes_outputs(tmp_path: Path, flags: tuple[str, ...]) -> No
     (run,) = tmp_path.iterdir()  # a run folder named after the run
     engine, data = flags[1], flags[3] if len(flags) > 3 else "synthetic"
     assert run.name == f"{data}-numpyro-{engine}-quick"
-    for name in ("posterior.nc", "predictive.png", "calibration.csv", "summary.csv"):
+    for name in ("posterior.nc", "predictive.png", "calibration.csv", "scores.csv", "summary.csv"):
         assert (run / name).stat().st_size > 0, name
     post = probdyn.load(run / "posterior.nc")
     assert post.backend == "numpyro"
@@ -63,7 +63,7 @@ def test_demo_quick_pyro_backend(tmp_path: Path) -> None:
     assert "engine=vi, backend=pyro" in result.stdout
     assert "Calibration on the held-out extrapolation window" in result.stdout
     run = tmp_path / "synthetic-pyro-vi-quick"
-    for name in ("posterior.nc", "predictive.png", "calibration.csv", "summary.csv"):
+    for name in ("posterior.nc", "predictive.png", "calibration.csv", "scores.csv", "summary.csv"):
         assert (run / name).stat().st_size > 0, name
     post = probdyn.load(run / "posterior.nc")
     assert post.backend == "pyro" and post.attrs["engine"]["engine"] == "VI"
@@ -122,9 +122,14 @@ def test_compare_quick_demo_writes_table_and_bands(
     assert (table["error"] == "").all()
     assert np.isfinite(table[["nlpd", "crps", "rmse", "coverage_90"]].to_numpy(float)).all()
     assert table.loc["NUTS", "ess"] != "" and table.loc["VI", "ess"] == ""
-    assert markdown.startswith("|  | engine | backend | draws |")
-    assert "| NUTS | NUTS | numpyro | 30 |" in markdown and "| VI | VI | numpyro | 60 |" in markdown
+    assert markdown.startswith("# probdyn compare: synthetic Lotka-Volterra")
+    assert "\n| engine | backend | draws | wall_time (s) |" in markdown  # no repeated column
+    assert "| NUTS | numpyro | 30 |" in markdown and "| VI | numpyro | 60 |" in markdown
+    assert "smoke-test sizes" in markdown and "times in seconds" in markdown
     assert markdown in stdout and "wrote" in stdout
+    # The demo's plain-word checks and smoke-size line, in the terminal too.
+    assert "(--quick: smoke-test sizes, not converged" in stdout
+    assert "\nChecks:" in stdout and "NUTS: " in stdout
 
 
 MODEL_FILE = """
@@ -168,7 +173,7 @@ def test_compare_a_saved_model_and_npz_data(tmp_path: Path, no_cache: None) -> N
     assert list(table["draws"]) == [60, 4]
     # Ten held-out points with noise sd 0.3 around a line the fit recovers.
     assert (table["rmse"].astype(float) < 1.0).all()
-    assert "| Ensemble | Ensemble | numpyro | 4 |" in markdown
+    assert "| Ensemble | numpyro | 4 |" in markdown
 
 
 def test_compare_never_overwrites_an_earlier_run(
@@ -210,7 +215,10 @@ def test_compare_exits_1_when_an_engine_fails(
         (["--model", "m.py:f"], "needs --data FILE.npz"),
         (["--model", "missing.py:f", "--data", "d.npz"], "no file 'missing.py'"),
         (["--model", "no-function-name", "--data", "d.npz"], "write it as path/to/file.py"),
-        (["--data", "d.npz"], "choose 'synthetic' or 'hare-lynx'"),
+        (["--data", "d.npz"], "is an .npz file, which needs your model: add --model"),
+        (["--data", "nope"], "choose 'synthetic' or 'hare-lynx'"),
+        (["--engines", ""], "no engine was given"),
+        (["--engines", " , "], "no engine was given"),
     ],
 )
 def test_compare_rejects_bad_arguments(
@@ -234,3 +242,13 @@ def test_compare_needs_test_observations_in_the_npz(
     np.savez(data, **arrays)
     assert main(["compare", "--model", model, "--data", data, "--out", str(tmp_path)]) == 2
     assert "has no array test_y" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_out_that_is_a_file_is_called_a_file(
+    command: str, tmp_path: Path, no_cache: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "results").write_text("not a folder")
+    assert main([command, "--out", str(tmp_path / "results")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "results").read_text() == "not a folder"

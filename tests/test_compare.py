@@ -180,7 +180,9 @@ def test_markdown_csv_and_plot_are_written(
     assert (tmp_path / "table.md").read_text() == text
     lines = text.strip().splitlines()
     assert len(lines) == 2 + 4
-    assert lines[0] == "|  | " + " | ".join(COLUMNS) + " |"
+    # Rows named apart from their engines: the name column is headed, engine kept.
+    units = {c: f"{c} (s)" for c in ("wall_time", "compile_time", "score_time")}
+    assert lines[0] == "| name | " + " | ".join(units.get(c, c) for c in COLUMNS) + " |"
     nuts = [c.strip() for c in lines[2].strip("|").split("|")]
     assert nuts[0] == "nuts" and nuts[1] == "NUTS" and nuts[3] == "400"
     assert nuts[COLUMNS.index("log_evidence") + 1] == "n/a"

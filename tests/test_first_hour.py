@@ -8,7 +8,9 @@ import argparse
 import logging
 import sys
 import threading
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,6 +97,108 @@ def test_quick_help_does_not_promise_seconds() -> None:
     demo = _subparsers(build_parser())["demo"]
     quick = next(a for a in demo._actions if "--quick" in a.option_strings)
     assert "(seconds)" not in quick.help and "about a minute on a 2-core CPU" in quick.help
+
+
+def test_compare_help_gives_the_quick_time_and_the_pyro_extra() -> None:
+    text = " ".join(_subparsers(build_parser())["compare"].format_help().split())
+    assert "about 2 minutes for nuts,vi on a 2-core CPU" in text
+    assert "pyro (PyTorch, needs the pyro extra)" in text
+
+
+def test_version_and_bare_probdyn_list_what_there_is(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import probdyn
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"probdyn {probdyn.__version__}"
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: probdyn" in err and "demo" in err and "compare" in err
+    assert "required" not in err  # the help, not only an error
+
+
+def test_cli_warnings_are_one_plain_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from probdyn.cli import plain_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with plain_warnings():
+            warnings.warn(
+                "2 ODE/SDE solve(s) failed\n  during the run", RuntimeWarning, stacklevel=1
+            )
+        shown_after = warnings.showwarning
+    assert capsys.readouterr().err == "warning: 2 ODE/SDE solve(s) failed during the run\n"
+    assert shown_after is not None and shown_after.__name__ != "show"  # restored
+
+
+# -- compare's checks and table ------------------------------------------------------
+
+
+class _FakePosterior:
+    def __init__(self, warning: str, failed: int) -> None:
+        self.warning, self.attrs = warning, {"num_failed_solves": failed}
+
+    def summary(self) -> str:
+        if self.warning:
+            warnings.warn(self.warning, UserWarning, stacklevel=2)
+        return "table"
+
+
+def _comparison(names: list[str], engines: list[str]) -> Any:
+    import pandas as pd
+
+    from probdyn.diagnostics.compare import Comparison
+
+    table = pd.DataFrame(
+        {"engine": engines, "wall_time": [1.5, 2.0], "coverage_50": [0.5, 0.5],
+         "coverage_90": [0.9, 0.5]},
+        index=names,
+    )  # fmt: skip
+    posteriors = {
+        names[0]: _FakePosterior("2 of 2 summary rows look unconverged", failed=3),
+        names[1]: _FakePosterior("", failed=0),
+    }
+    return Comparison(
+        table=table, posteriors=posteriors, predictions={}, errors={},  # type: ignore[arg-type]
+        observations=np.zeros((8, 2)), site="y", test_arguments={}, train_arguments={},
+    )  # fmt: skip
+
+
+def test_compare_checks_reuse_the_demo_sentences() -> None:
+    from probdyn.demo._checks import compare_checks, format_checks
+
+    checks = compare_checks(_comparison(["NUTS", "VI"], ["NUTS", "VI"]))
+    assert checks[0] == "NUTS: 2 of 2 summary rows look unconverged"
+    assert checks[1].startswith("NUTS: 3 ODE/SDE solve(s) failed during the fit")
+    # 0.5 of 16 at 90 %: 0.4 below nominal, beyond 3 standard errors (0.225); 50 % fine.
+    (vi,) = checks[2:]
+    assert vi.startswith("VI, held-out observations: 90% intervals cover 0.50 of 16 points")
+    assert format_checks([]).startswith("Checks: none flagged")
+    assert format_checks(checks).startswith("Checks:\n  - NUTS: 2 of 2")
+
+
+def test_compare_markdown_names_its_columns_and_units() -> None:
+    same = _comparison(["NUTS", "VI"], ["NUTS", "VI"]).to_markdown(
+        title="probdyn compare: a run", notes=["Times in seconds."]
+    )
+    lines = same.splitlines()
+    assert lines[0] == "# probdyn compare: a run"
+    assert lines[2] == "| engine | wall_time (s) | coverage_50 | coverage_90 |"
+    assert lines[4] == "| NUTS | 1.50 | 0.500 | 0.900 |"
+    assert lines[-1] == "Times in seconds."
+    apart = _comparison(["fast", "slow"], ["VI", "VI"]).to_markdown()
+    assert apart.splitlines()[0] == "| name | engine | wall_time (s) | coverage_50 | coverage_90 |"
+
+
+def test_demo_checks_mention_failed_solves() -> None:
+    from probdyn.demo._checks import failed_solve_checks
+
+    assert failed_solve_checks(_FakePosterior("", failed=0)) == []
+    (message,) = failed_solve_checks(_FakePosterior("", failed=2))
+    assert message.startswith("2 ODE/SDE solve(s) failed during the fit")
 
 
 # -- the summary ---------------------------------------------------------------------
@@ -208,19 +312,78 @@ def test_gitignore_lists_both_output_folders() -> None:
     assert "probdyn-demo/" in ignored and "probdyn-compare/" in ignored
 
 
-def test_low_hare_lynx_coverage_is_explained_not_silent() -> None:
+def test_low_hare_lynx_coverage_names_only_this_runs_misses() -> None:
     from probdyn.data import hare_lynx
     from probdyn.demo._run import _calibration, _low_coverage_note
 
     data = hare_lynx()
     rng = np.random.default_rng(0)
-    # Draws around the truth, but the prey's 1.6 times too high: its points fall below.
-    shift = np.array([1.6, 1.0])
-    y = data.y_test * shift * np.exp(0.1 * rng.normal(size=(1, 2000, *data.y_test.shape)))
+    noise = np.exp(0.1 * rng.normal(size=(1, 2000, *data.y_test.shape)))
+    # Draws around the truth, but the lynx's 1.6 times too high: only lynx points miss,
+    # all below the band; the hares are covered.
+    y = data.y_test * np.array([1.0, 1.6]) * noise
     table = _calibration(data, {"y": y, "z": y})
     (note,) = _low_coverage_note("hare-lynx", data, y, table)
     assert "of the 10 held-out observations" in note
-    assert "5 of 5 prey points lie below the band" in note and "predator" not in note
-    assert "not of the noise model" in note  # the measured hare-lynx explanation
+    assert "5 of 5 lynx points lie below the band (1916, 1917, 1918, 1919, 1920)" in note
+    assert "hare" not in note.lower() and "above" not in note.split(";", 1)[1]
+    # The hares' 1.6 times too low instead: hare points above the band, no lynx named.
+    y = data.y_test * np.array([1 / 1.6, 1.0]) * noise
+    (note,) = _low_coverage_note("hare-lynx", data, y, _calibration(data, {"y": y, "z": y}))
+    assert "5 of 5 hare points lie above the band (1916," in note and "lynx" not in note
     good = _calibration(data, {"y": data.y_test * np.exp(0.3 * rng.normal(size=y.shape)), "z": y})
     assert _low_coverage_note("hare-lynx", data, y, good) == []
+
+
+def test_demo_csvs_are_split_as_printed_and_every_column_is_named(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from probdyn.data import synthetic_predator_prey
+    from probdyn.demo._run import _calibration, _write_tables
+
+    data = synthetic_predator_prey(seed=0)
+    rng = np.random.default_rng(0)
+    y = data.y_test * np.exp(0.1 * rng.normal(size=(1, 500, *data.y_test.shape)))
+    table = _calibration(data, {"y": y, "z": y})
+    summary = pd.DataFrame({"mean": [1.0, 2.0]}, index=["alpha", "z (32 elements, worst)"])
+    paths = {k: str(tmp_path / f"{k}.csv") for k in ("calibration", "scores", "summary")}
+    _write_tables(paths, table, summary)
+    intervals = pd.read_csv(paths["calibration"])
+    assert list(intervals.columns) == [
+        "target", "nominal", "n", "coverage", "mean_width", "coverage_hdi", "mean_width_hdi"
+    ]  # fmt: skip
+    assert len(intervals) == 4  # two targets x two levels, no score repeated on them
+    scores = pd.read_csv(paths["scores"])
+    assert list(scores.columns) == ["target", "n", "rmse", "crps"]
+    assert list(scores["target"]) == ["held-out observations", "held-out true states"]
+    np.testing.assert_allclose(scores["rmse"], table.groupby("target", sort=False)["rmse"].first())
+    back = pd.read_csv(paths["summary"])
+    assert list(back.columns) == ["site", "mean"]
+    assert list(back["site"]) == ["alpha", "z (32 elements, worst)"]
+
+
+def test_hare_lynx_years_are_whole_and_start_at_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.pyplot as plt
+
+    from probdyn.data import hare_lynx
+    from probdyn.demo._plot import plot_predictive
+
+    data = hare_lynx()
+    figures: list[Any] = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at
+    rng = np.random.default_rng(0)
+    draws = np.exp(0.1 * rng.normal(size=(1, 50, len(data.t_grid), 2)))
+    plot_predictive(data, {"z": draws, "y": draws}, str(tmp_path / "p.png"), year0=1900.0)
+    (fig,) = figures
+    ax = fig.axes[1]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks == [1900, 1905, 1910, 1915, 1920]
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    assert shown == ["1900", "1905", "1910", "1915", "1920"]
+    figures.clear()
+    monkeypatch.undo()
+    plt.close(fig)

@@ -102,7 +102,8 @@ print(ode.to_markdown())
 # is averaged per observation, on the data's scale.
 #
 # The bands: `plot` predicts on a dense time grid for smooth bands, with the
-# training data (black) and the held-out data (red crosses). Each row's y axis spans
+# training data (black), the held-out data (red crosses) and, from `x_split`, a
+# dotted line where the training data end. Each row's y axis spans
 # the data and the bands, but at most half the data's range beyond the data: a band
 # much wider than that (an engine that has not converged) runs off its panel.
 
@@ -110,6 +111,7 @@ print(ode.to_markdown())
 fig = ode.plot(
     (data.t_grid,),
     x=data.t_grid,
+    x_split=(data.t_train[-1] + data.t_test[0]) / 2,  # the labelled end of training data
     x_label="time (arbitrary units)",
     output_names=["prey (arbitrary units)", "predator (arbitrary units)"],
 )

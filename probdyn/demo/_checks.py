@@ -4,11 +4,20 @@ held-out coverage against binomial error."""
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["COVERAGE_SE", "coverage_checks", "coverage_tolerance", "summary_with_checks"]
+__all__ = [
+    "COVERAGE_SE",
+    "compare_checks",
+    "coverage_checks",
+    "coverage_tolerance",
+    "failed_solve_checks",
+    "format_checks",
+    "summary_with_checks",
+]
 
 #: Coverage is flagged when it is this many binomial standard errors from nominal.
 COVERAGE_SE = 3.0
@@ -62,3 +71,52 @@ def summary_with_checks(summarise: Callable[[], Any]) -> tuple[Any, list[str]]:
         if not issubclass(w.category, UserWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return table, messages
+
+
+def failed_solve_checks(post: Any, who: str = "") -> list[str]:
+    """One sentence if ODE/SDE solves failed during the fit (``posterior.attrs
+    ['num_failed_solves']``), else none; ``who`` (e.g. ``"NUTS: "``) leads it."""
+    n = int(post.attrs.get("num_failed_solves", 0) or 0)
+    if not n:
+        return []
+    return [
+        f"{who}{n} ODE/SDE solve(s) failed during the fit (max_steps reached or a "
+        "non-finite state: those proposals were rejected; or a failed backward adjoint "
+        "solve: that gradient was set to zero); see posterior.attrs['num_failed_solves']."
+    ]
+
+
+def compare_checks(result: Any) -> list[str]:
+    """The demo's checks for each engine of a `probdyn.compare` result: its summary's
+    convergence warnings (`summary_with_checks`), held-out coverage at each level
+    (`coverage_checks`) and failed solves (`failed_solve_checks`), each sentence led
+    by the engine's row name."""
+    import pandas as pd
+
+    n = int(result.observations.size)
+    levels = [c for c in result.table.columns if str(c).startswith("coverage_")]
+    messages = []
+    for name, row in result.table.iterrows():
+        post = result.posteriors.get(name)
+        if post is None:  # a failed engine: its error is printed on its own
+            continue
+        _, found = summary_with_checks(post.summary)
+        messages += [f"{name}: {m}" for m in found]
+        coverage = pd.DataFrame(
+            {"coverage": [float(row[c]) for c in levels], "n": n},
+            index=pd.Index([int(str(c)[9:]) / 100 for c in levels], name="nominal"),
+        ).dropna()
+        messages += coverage_checks(coverage, target=f"{name}, held-out observations")
+        messages += failed_solve_checks(post, f"{name}: ")
+    return messages
+
+
+def format_checks(checks: list[str], what: str = "convergence, held-out coverage") -> str:
+    """The ``Checks:`` block the CLI prints: one wrapped bullet per sentence, or a line
+    saying that nothing was flagged (and what was checked)."""
+    if not checks:
+        return f"Checks: none flagged ({what})."
+    bullets = (
+        textwrap.fill(m, 100, initial_indent="  - ", subsequent_indent="    ") for m in checks
+    )
+    return "Checks:\n" + "\n".join(bullets)

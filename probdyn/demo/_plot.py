@@ -10,6 +10,9 @@ from probdyn.data import PredatorPreyData
 
 __all__ = ["plot_predictive"]
 
+#: Years between labelled ticks on a calendar time axis.
+YEAR_STEP = 5
+
 SMOKE_NOTE = "--quick: smoke-test sizes, not converged; for checking the install only"
 
 
@@ -62,9 +65,12 @@ def plot_predictive(
     axes[0].set_title(title)
     axes[1].set_xlabel("year" if year0 is not None else "time (arbitrary units)")
     if year0 is not None:
-        from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+        from matplotlib.ticker import MultipleLocator, StrMethodFormatter
 
-        axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Whole years every 5 (1900, 1905, ...): a tick before the first year would
+        # read as data that is not there.
+        axes[1].xaxis.set_major_locator(MultipleLocator(YEAR_STEP))
+        axes[1].xaxis.set_minor_locator(MultipleLocator(1))
         axes[1].xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
     handles, labels = axes[0].get_legend_handles_labels()
     # Below the axes: inside, the legend hid the first peak's band.

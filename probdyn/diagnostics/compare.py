@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 __all__ = ["Comparison", "compare"]
 
 
+# Markdown headers of the columns that have a unit.
+_UNITS = {"wall_time": "wall_time (s)", "compile_time": "compile_time (s)",
+          "score_time": "score_time (s)"}  # fmt: skip
+
+
 @dataclasses.dataclass(eq=False)
 class Comparison:
     """The result of `compare`: one row per engine, the posteriors and the draws behind it.
@@ -69,10 +74,20 @@ class Comparison:
     observed_arg: str = "y"
     model: Callable[..., Any] | None = dataclasses.field(default=None, repr=False)
 
-    def to_markdown(self, path: str | os.PathLike[str] | None = None, *, digits: int = 3) -> str:
+    def to_markdown(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        digits: int = 3,
+        title: str = "",
+        notes: Sequence[str] = (),
+    ) -> str:
         """The table as GitHub-flavoured markdown (no ``tabulate`` needed).
 
-        Numbers get ``digits`` significant digits without exponents where
+        Times carry their unit in the header (``wall_time (s)``). The first column is
+        the row name; where every row is named after its engine (the usual case), it
+        is headed ``engine`` and the ``engine`` column, which would repeat it, is left
+        out. Numbers get ``digits`` significant digits without exponents where
         possible; undefined entries print as ``n/a``, infinite ones as ``inf`` or
         ``-inf``. The file is written beside ``path`` and renamed onto it, so a
         failed write leaves an existing file as it was.
@@ -80,6 +95,8 @@ class Comparison:
         Args:
             path: also write the markdown to this file.
             digits: significant digits of the numbers.
+            title: a ``#`` heading above the table (none if empty).
+            notes: paragraphs below the table.
 
         Returns:
             The markdown text.
@@ -87,7 +104,15 @@ class Comparison:
         Raises:
             FileNotFoundError: if the directory of ``path`` does not exist.
         """
-        text = format_markdown(self.table, digits=digits)
+        shown = self.table.rename(columns=_UNITS)
+        if "engine" in shown and list(shown["engine"]) == [str(i) for i in shown.index]:
+            shown = shown.drop(columns="engine").rename_axis("engine")
+        else:
+            shown = shown.rename_axis("name")
+        text = format_markdown(shown, digits=digits)
+        if title:
+            text = f"# {title}\n\n{text}"
+        text += "".join(f"\n{note}\n" for note in notes)
         if path is not None:
 
             def write(target: str) -> None:
@@ -100,8 +125,10 @@ class Comparison:
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write the table to a CSV file (full precision, empty cells for NaN).
 
-        The file is written beside ``path`` and renamed onto it, so a failed write
-        leaves an existing file as it was.
+        The first column, ``name``, is the row name and ``engine`` the engine's type:
+        they differ for a dict of engines (its keys) and for repeats (``"VI (2)"``),
+        so both are kept. Times are in seconds. The file is written beside ``path``
+        and renamed onto it, so a failed write leaves an existing file as it was.
 
         Raises:
             FileNotFoundError: if the directory of ``path`` does not exist.

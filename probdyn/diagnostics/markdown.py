@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def format_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
-    """A DataFrame as a GitHub-flavoured markdown table, index first.
+    """A DataFrame as a GitHub-flavoured markdown table, index first (headed by its name).
 
     NaN prints as ``n/a``, infinities as ``inf`` and ``-inf``.
 
@@ -25,7 +25,7 @@ def format_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
         | x | 1.23 |
         | y | n/a |
     """
-    header = ["", *map(str, table.columns)]
+    header = [str(table.index.name or ""), *map(str, table.columns)]
     numeric = [table[c].dtype.kind in "iufb" for c in table.columns]
     # A float column whose values are all whole numbers (draws, divergences, with
     # NaN for undefined rows) prints as integers; others with `digits` digits.
