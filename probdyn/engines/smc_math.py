@@ -13,6 +13,10 @@ tuning rules are written here once:
   rules from here (the NumPyro runner re-states those of its compiled stage in
   jax.numpy); no moves at temperature 0 (exact prior draws), then `keep_moving`'s.
 
+It is longer than 500 lines because both halves are one algorithm's rules, each read
+by both runners and pinned by one test module (tests/test_smc_math.py); most of the
+length is the docstrings' statements of each rule and its source.
+
 Everything is written for log weights: a weight is only ever exponentiated after
 its maximum has been subtracted.
 
