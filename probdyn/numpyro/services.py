@@ -17,7 +17,7 @@ from numpyro import handlers
 from probdyn.core.locking import model_lock
 from probdyn.diagnostics.sbc_model import Trace
 from probdyn.engines.checks import check_array_types
-from probdyn.numpyro.bridge import is_factor, uncondition
+from probdyn.numpyro.bridge import is_factor, trace_model, uncondition
 from probdyn.numpyro.predict import forward_draws, predict
 
 __all__ = [
@@ -46,7 +46,7 @@ def param_names(
     found: list[str] = []
 
     def run() -> None:
-        tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+        tr = trace_model(model, args, kwargs)  # seeded; names a distribution-class misuse
         found.extend(name for name, site in tr.items() if site["type"] == "param")
 
     with model_lock:
