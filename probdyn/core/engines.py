@@ -38,6 +38,7 @@ _GUIDES = ("normal", "lowrank", "flow")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SMC_KERNELS = ("hmc", "mala", "rw")
 _SMC_STREAMS = ("tempered", "minibatch")
+_SMC_PRECONDITIONERS = ("auto", "dense", "diagonal")
 
 
 def _check_mcmc(engine: NUTS | HMC) -> None:
@@ -450,21 +451,20 @@ class Ensemble(AbstractEngine):
 class SMC(AbstractEngine):
     """Sequential Monte Carlo: likelihood tempering, or data streaming (Feynman–Kac).
 
-    ``stream="tempered"`` (default): particles start as prior draws and move
-    through the tempered targets ``p(theta) p(y | theta)**beta`` from ``beta = 0``
-    to ``1``. At each stage the next ``beta`` is chosen by bisection so that the
-    incremental weights keep an effective sample size of ``target_ess *
-    num_particles`` (``temperatures="adaptive"``), or taken from a given
-    increasing sequence ending at 1; then the particles are reweighted,
-    resampled, and moved by up to ``num_mcmc_steps`` steps of an MCMC ``kernel``
-    that leaves the tempered target invariant, preconditioned by the particles'
-    variance, whose step size is adapted from the acceptance rate of the previous
-    stage. With ``adaptive_moves`` a stage stops moving once the particles'
-    mean squared distance from where the stage started levels off (they have
-    forgotten their resampled starting points); the prior draws at temperature 0 are
-    not moved. A last stage at temperature 1 resamples and moves the particles, so
-    the draws are unweighted. The product of the mean incremental
-    weights estimates the model evidence ``log p(y)``
+    ``stream="tempered"`` (default): particles start as prior draws and move through the
+    tempered targets ``p(theta) p(y | theta)**beta`` from ``beta = 0`` to ``1``. At each
+    stage the next ``beta`` is chosen by bisection so that the incremental weights keep
+    an effective sample size of ``target_ess * num_particles``
+    (``temperatures="adaptive"``), or taken from a given increasing sequence ending at
+    1; then the particles are reweighted, resampled, and moved by up to
+    ``num_mcmc_steps`` steps of an MCMC ``kernel`` that leaves the tempered target
+    invariant, preconditioned by the particles' covariance (``preconditioner``), whose
+    step size is adapted from the acceptance rate of the previous stage. With
+    ``adaptive_moves`` a stage stops moving once the particles' mean squared distance
+    from where the stage started levels off (they have forgotten their resampled
+    starting points); the prior draws at temperature 0 are not moved. A last stage at
+    temperature 1 resamples and moves the particles, so the draws are unweighted. The
+    product of the mean incremental weights estimates the model evidence ``log p(y)``
     (``Posterior.log_evidence``); the schedule is ``traces["temperature"]``.
 
     ``stream="minibatch"`` is the open-horizon Feynman–Kac SMC of Zhao et al.
@@ -514,6 +514,14 @@ class SMC(AbstractEngine):
             ``num_mcmc_steps`` moves; ``False`` makes exactly
             ``num_mcmc_steps`` moves per stage (``stream="tempered"`` only;
             ``traces["num_moves"]`` records them).
+        preconditioner: the metric of the moves (``stream="tempered"`` only): the
+            weighted covariance of the particles before resampling, ``"dense"``
+            (its Cholesky factor, shrunk towards the diagonal) or ``"diagonal"``
+            (per-coordinate variances); ``"auto"`` is dense up to 100 dimensions
+            with at least 10 particles per dimension. Dense moves cross a
+            posterior with strongly correlated parameters (an ODE's rate
+            constants) in a few steps where diagonal ones crawl; see
+            `probdyn.engines.smc_preconditioner`.
         progress_bar: show a progress bar.
 
     Example:
@@ -538,6 +546,7 @@ class SMC(AbstractEngine):
     particles_per_batch: int | None = None
     progress_bar: bool = True
     adaptive_moves: bool = True
+    preconditioner: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperatures, str):
@@ -563,6 +572,7 @@ class SMC(AbstractEngine):
         _check_probability(cls, "target_ess", self.target_ess)
         _check_positive_int(cls, "num_leapfrog_steps", self.num_leapfrog_steps)
         _check_choice(cls, "stream", self.stream, _SMC_STREAMS)
+        _check_choice(cls, "preconditioner", self.preconditioner, _SMC_PRECONDITIONERS)
         _check_positive_int(cls, "num_epochs", self.num_epochs)
         _check_positive_number(cls, "learning_rate", self.learning_rate)
         _check_positive_number(cls, "jitter", self.jitter)

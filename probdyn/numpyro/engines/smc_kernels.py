@@ -14,12 +14,15 @@ number of moves or the batch size:
 * each HMC move takes ``num_leapfrog_steps`` iterations (one evaluation per
   leapfrog step); MALA and the random walk one.
 
-Every particle moves with the stage's shared step size times its own jitter factor
-(see `probdyn.engines.smc_math.STEP_JITTER`), preconditioned per coordinate by the
-weighted variance of the particle cloud: HMC takes that variance as its diagonal
-inverse mass matrix, MALA and the random walk its square root as a per-coordinate
-scale (BlackJAX's parametrisations: MALA proposes ``u + h s**2 grad + sqrt(2 h) s
-xi``).
+Every particle's every move takes the stage's shared step size times its own jitter
+factor, drawn afresh per move (see `probdyn.engines.smc_math.STEP_JITTER`),
+preconditioned by the weighted
+covariance ``L L^T`` of the particle cloud (`probdyn.engines.smc_preconditioner`;
+``L`` diagonal or a dense Cholesky factor): HMC takes it as its inverse mass
+matrix, MALA and the random walk as their proposal covariance (BlackJAX's
+parametrisations: MALA proposes ``u + h L L^T grad + sqrt(2 h) L xi``). The kernels
+are written in whitened coordinates: HMC's momentum ``r ~ N(0, I)`` moves the
+position by ``h L r`` and is kicked by ``h L^T grad``.
 
 The number of moves adapts (`probdyn.engines.smc_math.keep_moving`): the loop stops
 once the particles' mean squared distance from where the stage started, in units of
@@ -36,11 +39,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
 
 from probdyn.engines import smc_math as _smc_math
 from probdyn.numpyro.engines.batching import map_batched
 
-__all__ = ["Cloud", "MoveStats", "evaluator", "move"]
+__all__ = ["Cloud", "MoveStats", "evaluator", "move", "preconditioner_ops"]
 
 # (u (N, D), beta) -> (logprior (N,), loglik (N,), gradient of the tempered target (N, D))
 Evaluate = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
@@ -111,6 +115,7 @@ class _Trajectory(NamedTuple):
     p: jax.Array  # (N, D) HMC's momentum (unused otherwise)
     log_q0: jax.Array  # (N,) HMC: minus the start's kinetic energy; MALA: the noise term
     leapfrog: jax.Array  # () leapfrog steps taken in this trajectory
+    h: jax.Array  # (N, 1) this move's step size of each particle (jittered)
 
 
 class _Loop(NamedTuple):
@@ -141,7 +146,8 @@ def move(
     num_leapfrog_steps: int,
     beta: jax.Array,
     step: jax.Array,
-    variance: jax.Array,
+    jitter: float,
+    precond: jax.Array,
     max_moves: jax.Array,
     adaptive: bool,
     final: jax.Array | bool = False,
@@ -157,8 +163,11 @@ def move(
         kernel: ``"hmc"``, ``"mala"`` or ``"rw"``.
         num_leapfrog_steps: leapfrog steps per HMC move.
         beta: the temperature.
-        step: ``(N, 1)`` step size of each particle (shared step times its jitter).
-        variance: ``(D,)`` the preconditioner's per-coordinate variance.
+        step: the stage's step size (a scalar, or ``(N, 1)`` per particle).
+        jitter: each move's step of each particle is ``step * exp(U(-jitter,
+            jitter))``, drawn afresh per move (`probdyn.engines.smc_math.STEP_JITTER`).
+        precond: the preconditioner's ``L``: ``(D,)`` per-coordinate standard
+            deviations or a ``(D, D)`` lower Cholesky factor of the covariance.
         max_moves: at most this many moves (0: only the evaluation, if not fresh).
         adaptive: stop early by `probdyn.engines.smc_math.keep_moving`; else make
             ``max_moves`` moves.
@@ -168,7 +177,7 @@ def move(
     Returns:
         The moved cloud (evaluated at ``beta``) and its `MoveStats`.
     """
-    scale = jnp.sqrt(variance)
+    mul_l, mul_lt, whiten = preconditioner_ops(precond)
     steps_per_move = num_leapfrog_steps if kernel == "hmc" else 1
     start = cloud.u
     start_c = start - jnp.mean(start, axis=0)
@@ -185,18 +194,21 @@ def move(
 
     def begin(key: jax.Array, c: Cloud) -> _Trajectory:
         """Start a proposal from ``c``: the first point to evaluate."""
-        xi = jax.random.normal(key, c.u.shape, c.u.dtype)
+        k_xi, k_h = jax.random.split(key)
+        xi = jax.random.normal(k_xi, c.u.shape, c.u.dtype)
         n = c.u.shape[0]
+        h = step * jnp.exp(jax.random.uniform(k_h, (n, 1), c.u.dtype, -jitter, jitter))
+        none = jnp.zeros((), jnp.int32)
         if kernel == "hmc":
-            p = xi / scale  # momentum ~ N(0, M), M = 1 / variance
-            log_q0 = -0.5 * jnp.sum(variance * p**2, axis=-1)
-            p = p + 0.5 * step * c.grad
-            return _Trajectory(c.u + step * variance * p, p, log_q0, jnp.zeros((), jnp.int32))
+            # Whitened momentum r ~ N(0, I): inverse mass matrix L L^T.
+            log_q0 = -0.5 * jnp.sum(xi**2, axis=-1)
+            r = xi + 0.5 * h * mul_lt(c.grad)
+            return _Trajectory(c.u + h * mul_l(r), r, log_q0, none, h)
         if kernel == "mala":
-            q = c.u + step * variance * c.grad + jnp.sqrt(2 * step) * scale * xi
-            return _Trajectory(q, xi, 0.5 * jnp.sum(xi**2, axis=-1), jnp.zeros((), jnp.int32))
-        q = c.u + step * scale * xi
-        return _Trajectory(q, xi, jnp.zeros(n, c.u.dtype), jnp.zeros((), jnp.int32))
+            q = c.u + h * mul_l(mul_lt(c.grad)) + jnp.sqrt(2 * h) * mul_l(xi)
+            return _Trajectory(q, xi, 0.5 * jnp.sum(xi**2, axis=-1), none, h)
+        q = c.u + h * mul_l(xi)
+        return _Trajectory(q, xi, jnp.zeros(n, c.u.dtype), none, h)
 
     def finish(key: jax.Array, c: Cloud, t: _Trajectory, new: Cloud) -> tuple[Cloud, jax.Array]:
         """The Metropolis test of the proposal ``new`` (``t`` its trajectory)."""
@@ -204,9 +216,9 @@ def move(
             c.logprior, c.loglik, beta
         )
         if kernel == "hmc":
-            log_ratio = log_ratio - 0.5 * jnp.sum(variance * t.p**2, axis=-1) - t.log_q0
+            log_ratio = log_ratio - 0.5 * jnp.sum(t.p**2, axis=-1) - t.log_q0
         elif kernel == "mala":
-            back = (c.u - new.u - step * variance * new.grad) / (jnp.sqrt(2 * step) * scale)
+            back = whiten(c.u - new.u - t.h * mul_l(mul_lt(new.grad))) / jnp.sqrt(2 * t.h)
             log_ratio = log_ratio - 0.5 * jnp.sum(back**2, axis=-1) + t.log_q0
         log_ratio = jnp.nan_to_num(log_ratio, nan=-jnp.inf)
         accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
@@ -233,15 +245,15 @@ def move(
         leapfrog = t.leapfrog + 1
         last = leapfrog >= steps_per_move
         if kernel == "hmc":
-            p = t.p + jnp.where(last, 0.5, 1.0) * step * grad
-            q_next = x + step * variance * p
-            t_step = _Trajectory(q_next, p, t.log_q0, leapfrog)
+            p = t.p + jnp.where(last, 0.5, 1.0) * t.h * mul_lt(grad)
+            q_next = x + t.h * mul_l(p)
+            t_step = _Trajectory(q_next, p, t.log_q0, leapfrog, t.h)
         else:
             t_step = t._replace(leapfrog=leapfrog)
         accepted, rate = finish(k_accept, s.cloud, t_step, evaluated)
         moved = s.fresh & last  # a move completed in this iteration
         moves = s.moves + moved.astype(s.moves.dtype)
-        d = jnp.mean(jnp.sum((accepted.u - start) ** 2 / variance, axis=-1))
+        d = jnp.mean(jnp.sum(whiten(accepted.u - start) ** 2, axis=-1))
         rho = correlation(accepted.u)
         keep_going = _keep_moving(moves, d, s.distance, max_moves, adaptive, final, rho)
 
@@ -287,6 +299,18 @@ def move(
     out = jax.lax.while_loop(cond, body, init)
     rate = jnp.where(out.moves > 0, out.accept_sum / jnp.maximum(out.moves, 1), jnp.nan)
     return out.cloud, MoveStats(out.moves, rate, out.evaluations, out.correlation)
+
+
+def preconditioner_ops(
+    precond: jax.Array,
+) -> tuple[Callable[[jax.Array], jax.Array], ...]:
+    """For rows ``x`` ``(N, D)``: ``x -> x L^T``, ``g -> g L`` and ``x -> x L^-T``, with
+    ``L`` a ``(D,)`` diagonal or a ``(D, D)`` lower-triangular factor (so each row is
+    mapped by ``L``, ``L^T`` and ``L^-1``)."""
+    if precond.ndim == 1:
+        return (lambda x: x * precond, lambda g: g * precond, lambda x: x / precond)
+    inverse = solve_triangular(precond, jnp.eye(precond.shape[0], dtype=precond.dtype), lower=True)
+    return (lambda x: x @ precond.T, lambda g: g @ precond, lambda x: x @ inverse.T)
 
 
 def _keep_moving(

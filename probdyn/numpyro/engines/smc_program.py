@@ -5,8 +5,8 @@ map back to constrained values. A stage is one compiled function of the particle
 state and the temperature, reused by every stage of every run with the same model,
 data and engine settings (`compiled_program` caches it):
 
-1. the preconditioner: the weighted variance of the cloud per coordinate
-   (`_smc_math.weighted_variance`);
+1. the preconditioner: the weighted covariance of the cloud, dense or per coordinate
+   (`probdyn.engines.smc_preconditioner`, re-stated in jax.numpy);
 2. systematic resampling (BlackJAX's ``resampling.systematic``);
 3. the moves at the current temperature (`smc_kernels.move`): none at temperature 0,
    where the particles are exact prior draws (only their evaluation), then up to
@@ -39,6 +39,7 @@ from blackjax.smc import resampling
 
 from probdyn.core.engines import SMC
 from probdyn.engines import smc_math as _smc_math
+from probdyn.engines import smc_preconditioner as _precond
 from probdyn.numpyro.engines.batching import batch_size
 from probdyn.numpyro.engines.smc_kernels import Cloud, evaluator, move
 from probdyn.numpyro.logdensity import FlatModel, flat_model, loglik_floor
@@ -84,11 +85,21 @@ class Program(NamedTuple):
     particles_per_batch: int  # particles evaluated at once (`particle_batch_size`)
 
 
-def _weighted_variance(particles: jax.Array, weights: jax.Array) -> jax.Array:
-    """`_smc_math.weighted_variance` in jax.numpy, from normalised weights."""
-    mean = weights @ particles
-    var = weights @ (particles - mean) ** 2
-    return jnp.maximum(var, _smc_math.MIN_VARIANCE)
+def _preconditioner(particles: jax.Array, weights: jax.Array, dense: bool) -> jax.Array:
+    """`probdyn.engines.smc_preconditioner.factor` in jax.numpy, from normalised weights.
+
+    Should the Cholesky factorisation fail in floating point (NaN), the diagonal
+    factor is used for that stage instead.
+    """
+    xc = particles - weights @ particles
+    var = jnp.maximum(weights @ xc**2, _smc_math.MIN_VARIANCE)
+    if not dense:
+        return jnp.sqrt(var)
+    lam = _precond.shrinkage(particles.shape[1], 1.0 / jnp.sum(weights**2))
+    cov = (1.0 - lam) * ((weights[:, None] * xc).T @ xc)
+    cov = cov.at[jnp.diag_indices(particles.shape[1])].set(var)
+    chol = jnp.linalg.cholesky(cov)
+    return jnp.where(jnp.all(jnp.isfinite(chol)), chol, jnp.diag(jnp.sqrt(var)))
 
 
 def _next_temperature(
@@ -177,7 +188,7 @@ def _build_program(
     evaluate = evaluator(fm.log_parts, per_batch, needs_grad=engine.kernel != "rw")
     target = _smc_math.target_acceptance(engine.kernel, fm.dim)
     gain = _smc_math.step_adapt_gain(engine.kernel)
-    jitter_width = _smc_math.STEP_JITTER
+    dense = _precond.use_dense(engine.preconditioner, fm.dim, n)
 
     def init(key: jax.Array) -> StageState:
         particles = jax.vmap(fm.prior_draw)(jax.random.split(key, n))
@@ -195,13 +206,12 @@ def _build_program(
     def step(
         key: jax.Array, state: StageState, temperature: jax.Array
     ) -> tuple[StageState, dict[str, jax.Array]]:
-        k_resample, k_jitter, k_move = jax.random.split(key, 3)
+        k_resample, k_move = jax.random.split(key)
         cloud, beta = state.cloud, state.temperature
         dtype = cloud.u.dtype
-        variance = _weighted_variance(cloud.u, state.weights)
+        precond = _preconditioner(cloud.u, state.weights, dense)
         idx = resampling.systematic(k_resample, state.weights, n)
         cloud = jax.tree.map(lambda a: a[idx], cloud)
-        jitter = jnp.exp(jax.random.uniform(k_jitter, (n, 1), dtype, -jitter_width, jitter_width))
         # No move at temperature 0: the particles are exact prior draws; the last
         # stage, at 1, moves until decorrelated (_smc_math.final_max_moves).
         final = beta >= 1.0
@@ -215,8 +225,9 @@ def _build_program(
             kernel=engine.kernel,
             num_leapfrog_steps=engine.num_leapfrog_steps,
             beta=beta,
-            step=state.step_size * jitter,
-            variance=variance,
+            step=state.step_size,
+            jitter=_smc_math.STEP_JITTER,
+            precond=precond,
             max_moves=max_moves,
             adaptive=engine.adaptive_moves,
             final=final,
@@ -282,6 +293,7 @@ def compiled_program(
         engine.temperatures == "adaptive",
         engine.particles_per_batch,
         engine.adaptive_moves,
+        engine.preconditioner,
         str(jnp.result_type(float)),  # float64 or float32 (jax_enable_x64)
     )
     key = (model, treedef, tuple(_leaf_key(x) for x in leaves), config)

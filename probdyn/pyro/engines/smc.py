@@ -17,12 +17,12 @@ the NumPyro backend reads too, so both backends run the same algorithm:
    steps of the kernel targeting ``prior * likelihood**beta'`` (as many as
    `_smc_math.keep_moving` asks for with ``adaptive_moves``; none at ``beta = 0``,
    where the particles are exact prior draws), preconditioned by the
-   weighted variance per coordinate of the cloud before resampling
-   (`_smc_math.weighted_variance`), with a step size that starts at
+   weighted covariance of the cloud before resampling, dense or per coordinate
+   (`probdyn.engines.smc_preconditioner`), with a step size that starts at
    `_smc_math.initial_step_size` and follows `_smc_math.adapt_step_size` (gain
    `_smc_math.step_adapt_gain`) from the previous stage's acceptance rate towards
    `_smc_math.target_acceptance`, times a per-particle factor ``exp(U(-j, j))``,
-   ``j = _smc_math.STEP_JITTER``, drawn afresh each stage; repeat from 2 until
+   ``j = _smc_math.STEP_JITTER``, drawn afresh for each move; repeat from 2 until
    ``beta = 1``, then resample and move once more at ``beta = 1``.
 
 Factor sites (``pyro.factor``, and the rejection of a failed ODE solve) count as
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from probdyn.core.engines import SMC
 from probdyn.core.posterior import Posterior
 from probdyn.engines import smc_math as _smc_math
+from probdyn.engines import smc_preconditioner as _precond
 from probdyn.engines.smc_traces import BAR_FORMAT, StageTraces, tempered_attrs
 from probdyn.pyro.bridge import (
     as_seed,
@@ -97,47 +98,70 @@ class _Mover:
         return torch.randn(like.shape, generator=self.gen, dtype=like.dtype)
 
     def step(
-        self, cloud: _Cloud, beta: float, step: torch.Tensor, scale: torch.Tensor
+        self, cloud: _Cloud, beta: float, step: torch.Tensor, metric: _Metric
     ) -> tuple[_Cloud, torch.Tensor]:
         """One Metropolis-Hastings step of every particle (step sizes ``(N, 1)``,
-        preconditioner ``scale`` ``(D,)``); returns the new cloud and each
-        particle's acceptance probability."""
+        preconditioner ``metric``); returns the new cloud and each particle's
+        acceptance probability."""
         z = self._normal(cloud.u)
         if self.engine.kernel == "rw":
-            new = self.at(cloud.u + step * scale * z, beta)
+            new = self.at(cloud.u + step * metric.mul_l(z), beta)
             log_ratio = _target(new, beta) - _target(cloud, beta)
         elif self.engine.kernel == "mala":
-            # u' = u + h s^2 grad + sqrt(2h) s xi, as BlackJAX's MALA in u / s.
+            # u' = u + h L L^T grad + sqrt(2h) L xi, as BlackJAX's MALA in L^-1 u.
             assert cloud.grad is not None
-            noise = torch.sqrt(2 * step) * scale
-            new = self.at(cloud.u + step * scale**2 * cloud.grad + noise * z, beta)
+            noise = torch.sqrt(2 * step)
+            drift = metric.mul_l(metric.mul_lt(cloud.grad))
+            new = self.at(cloud.u + step * drift + noise * metric.mul_l(z), beta)
             assert new.grad is not None
-            back = (cloud.u - new.u - step * scale**2 * new.grad) / noise
+            drift = metric.mul_l(metric.mul_lt(new.grad))
+            back = metric.whiten(cloud.u - new.u - step * drift) / noise
             log_q = -0.5 * (back**2).sum(-1) + 0.5 * (z**2).sum(-1)
             log_ratio = _target(new, beta) - _target(cloud, beta) + log_q
         else:
-            new, log_ratio = self._leapfrog(cloud, beta, step, scale, z / scale)
+            new, log_ratio = self._leapfrog(cloud, beta, step, metric, z)
         log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)
         accept_prob = torch.exp(torch.clamp(log_ratio, max=0.0))
         uniform = torch.rand(accept_prob.shape, generator=self.gen, dtype=accept_prob.dtype)
         return _select(uniform < accept_prob, new, cloud), accept_prob
 
     def _leapfrog(
-        self, cloud: _Cloud, beta: float, h: torch.Tensor, scale: torch.Tensor, p: torch.Tensor
+        self, cloud: _Cloud, beta: float, h: torch.Tensor, metric: _Metric, r: torch.Tensor
     ) -> tuple[_Cloud, torch.Tensor]:
-        # Inverse mass matrix diag(scale**2): the momentum is p = xi / scale and a
-        # position step moves by h * scale**2 * p.
-        kinetic0 = 0.5 * (scale**2 * p**2).sum(-1)
+        # Inverse mass matrix L L^T, in whitened momentum r ~ N(0, I): a position
+        # step moves by h L r, a kick adds h L^T grad.
+        kinetic0 = 0.5 * (r**2).sum(-1)
         new = cloud
         assert new.grad is not None
-        p = p + 0.5 * h * new.grad
+        r = r + 0.5 * h * metric.mul_lt(new.grad)
         for i in range(self.engine.num_leapfrog_steps):
-            new = self.at(new.u + h * scale**2 * p, beta)
+            new = self.at(new.u + h * metric.mul_l(r), beta)
             assert new.grad is not None
             last = i + 1 == self.engine.num_leapfrog_steps
-            p = p + (0.5 if last else 1.0) * h * new.grad
-        kinetic1 = 0.5 * (scale**2 * p**2).sum(-1)
+            r = r + (0.5 if last else 1.0) * h * metric.mul_lt(new.grad)
+        kinetic1 = 0.5 * (r**2).sum(-1)
         return new, (_target(new, beta) - kinetic1) - (_target(cloud, beta) - kinetic0)
+
+
+class _Metric:
+    """The preconditioner's ``L`` (`_precond.factor`: ``(D,)`` diagonal or ``(D, D)``
+    lower triangular) as maps of rows ``(N, D)``: ``x L^T``, ``g L`` and ``x L^-T``."""
+
+    def __init__(self, factor: np.ndarray, dtype: torch.dtype) -> None:
+        self.f = torch.as_tensor(factor, dtype=dtype)
+        self.dense = self.f.dim() == 2
+        if self.dense:
+            eye = torch.eye(len(self.f), dtype=dtype)
+            self.inv = torch.linalg.solve_triangular(self.f, eye, upper=False)
+
+    def mul_l(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.f.T if self.dense else x * self.f
+
+    def mul_lt(self, g: torch.Tensor) -> torch.Tensor:
+        return g @ self.f if self.dense else g * self.f
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.inv.T if self.dense else x / self.f
 
 
 def _finite_or_neginf(x: torch.Tensor) -> torch.Tensor:
@@ -200,10 +224,10 @@ class _Schedule:
 
 
 def _move(
-    mover: _Mover, cloud: _Cloud, beta: float, step_size: float, variance: np.ndarray
+    mover: _Mover, cloud: _Cloud, beta: float, step_size: float, factor: np.ndarray
 ) -> tuple[_Cloud, float, int]:
-    """Up to ``num_mcmc_steps`` moves at ``beta``, preconditioned by the per-coordinate
-    ``variance`` ``(D,)``, each particle with its own jittered step (see
+    """Up to ``num_mcmc_steps`` moves at ``beta``, preconditioned by the covariance
+    factor ``L`` (`_precond.factor`), each particle with its own step, jittered per move (see
     `_smc_math.STEP_JITTER`), as many as `_smc_math.keep_moving` asks for; none at
     ``beta = 0``, where the particles are exact prior draws; at ``beta = 1`` (the
     last stage) up to `_smc_math.final_max_moves`, until decorrelated from the start.
@@ -218,10 +242,7 @@ def _move(
     if max_moves == 0:
         return cloud, math.nan, 0
     dtype = cloud.u.dtype
-    var = torch.as_tensor(variance, dtype=dtype)
-    scale = torch.sqrt(var)
-    uniform = torch.rand(len(cloud.u), generator=mover.gen, dtype=dtype)
-    steps = step_size * torch.exp(_smc_math.STEP_JITTER * (2 * uniform - 1))[:, None]
+    metric = _Metric(factor, dtype)
     start, accepted = cloud.u, list[float]()
     distance = previous = 0.0
     correlation = 1.0 if final else None
@@ -233,10 +254,13 @@ def _move(
         adaptive=engine.adaptive_moves,
         correlation=correlation,
     ):
-        cloud, accept_prob = mover.step(cloud, beta, steps, scale)
+        # Each move's step of each particle: jittered afresh (_smc_math.STEP_JITTER).
+        uniform = torch.rand(len(cloud.u), generator=mover.gen, dtype=dtype)
+        steps = step_size * torch.exp(_smc_math.STEP_JITTER * (2 * uniform - 1))[:, None]
+        cloud, accept_prob = mover.step(cloud, beta, steps, metric)
         accepted.append(float(accept_prob.mean()))
         previous = distance
-        distance = float(((cloud.u - start) ** 2 / var).sum(-1).mean())
+        distance = float((metric.whiten(cloud.u - start) ** 2).sum(-1).mean())
         if final:
             rho = _smc_math.start_correlation(cloud.u.numpy(), start.numpy())
             correlation = float(rho.max())
@@ -259,16 +283,17 @@ def _temper(
     target = _smc_math.target_acceptance(engine.kernel, u.shape[1])
     gain = _smc_math.step_adapt_gain(engine.kernel)
     step_size = _smc_math.initial_step_size(engine.kernel, u.shape[1])
+    dense = _precond.use_dense(engine.preconditioner, u.shape[1], n)
     beta, log_w, cloud = 0.0, np.zeros(n), mover.at(u, 0.0)
     traces = StageTraces(n)
     with tqdm(total=1.0, desc="SMC", disable=not engine.progress_bar, bar_format=BAR_FORMAT) as bar:
         for stage in itertools.count():
             # The preconditioner comes from the weighted cloud, before resampling.
-            variance = _smc_math.weighted_variance(cloud.u.numpy(), log_w)
+            factor = _precond.factor(cloud.u.numpy(), log_w, dense)
             idx = torch.as_tensor(_smc_math.systematic_resample(log_w, rng))
             if beta > 0.0:  # the gradient depends on beta; none is needed at 0
                 cloud = mover.at(cloud.u[idx], beta)
-            cloud, rate, num_moves = _move(mover, cloud, beta, step_size, variance)
+            cloud, rate, num_moves = _move(mover, cloud, beta, step_size, factor)
             traces.moved(rate, step_size, num_moves)
             step_size = _smc_math.adapt_step_size(step_size, rate, target, gain=gain)
             if beta >= 1.0:
